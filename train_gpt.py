@@ -1,0 +1,858 @@
+"""The NanoGPT speedrun GPT (modded-nanogpt record-21 architecture and recipe), in one file.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py                 # speedrun preset on FineWeb
+    torchrun --standalone --nproc_per_node=1 train_gpt.py --preset=cpu     # small model, demo corpus, CPU
+    python train_gpt.py --preset=cpu --num_iterations=50 --run_name=try1   # any field of Hyperparameters
+
+Sections: 1 hyperparameters and command line; 2 Muon; 3 model (attention masks, FP8 head); 4 data;
+5 records; 6 training.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REPO_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO_DIR))
+from data.shards import EOT_ID, ShardError, read_shard, shard_files  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# 1. Hyperparameters and command line
+
+
+@dataclass
+class Hyperparameters:
+    run_name: str = "baseline"          # records are grouped by this name in summaries
+    preset: str = "auto"                # auto = speedrun on CUDA, cpu otherwise (see PRESETS)
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_tokens: int = 10485760          # first N val tokens, as in the speedrun
+    train_seq_len: int = 48 * 1024      # tokens per slice (one GPU, one micro-step)
+    val_seq_len: int = 4 * 64 * 1024
+    batch_slices: int = 8               # slices per optimizer step; grad_accum = batch_slices // world_size
+    # schedule
+    num_iterations: int = 1770
+    cooldown_frac: float = 0.4          # lr 1.0 for the first 60%, then linear to 0.1
+    val_loss_every: int = 125           # 0: only at the end
+    warmup_steps: int = 10              # untimed kernel warm-up steps; model/optimizer restored after
+    # model
+    vocab_size: int = 50257
+    num_layers: int = 12
+    num_heads: int = 6
+    head_dim: int = 128
+    model_dim: int = 768
+    no_attn_layers: str = "7"           # comma-separated layer indices without attention
+    window_pattern: str = "LSSSLSSLSSSL"  # per layer: L = long window, S = short (half) window
+    window_max_tokens: int = 1728       # window warms up 128 -> next_multiple(1728, 128) = 1792 tokens
+    block_size: int = 128               # attention mask block size (tokens)
+    attn_scale: float = 0.12
+    loss_chunk: int = 0                 # >0: head + softcap + loss over this many tokens at a time (CPU:
+                                        # keeps each logits buffer under malloc's mmap threshold)
+    # optimizers
+    head_lr: float = 0.22 / 768 ** 0.5
+    embed_lr: float = 0.6
+    scalar_lr: float = 0.04
+    muon_lr: float = 0.05
+    muon_momentum_start: float = 0.85
+    muon_momentum_end: float = 0.95
+    muon_momentum_warmup: int = 300
+    # system
+    attention: str = "auto"             # flex | sdpa (dense mask); auto = flex on CUDA, sdpa on CPU
+    compile: str = "auto"               # on | off; auto = on for CUDA
+    fp8_head: str = "auto"              # on | off; auto = on for Hopper (sm90+)
+    dtype: str = "auto"                 # bfloat16 | float32 activations; auto = bf16 on CUDA, fp32 on CPU
+    seed: int = -1                      # -1: unseeded, as upstream
+    sync_every_step: bool = True        # exact per-step ms in the record (costs a device sync per step)
+    records_dir: str = "records"
+    save_record: bool = True
+
+
+PRESETS = {
+    "speedrun": {},
+    # 8 GPU speedrun batch on a smaller card: same tokens per step, shorter slices, more accumulation
+    "speedrun_24k": dict(train_seq_len=24 * 1024, batch_slices=16, val_seq_len=64 * 1024),
+    # A few minutes on a 2-core CPU, on the demo corpus that ships in data/.
+    "cpu": dict(
+        train_files="data/devil_jargon/devil_jargon_train_*.bin",
+        val_files="data/devil_jargon/devil_jargon_val_*.bin",
+        num_iterations=150, val_loss_every=50, warmup_steps=0,
+        val_tokens=8192, train_seq_len=512, val_seq_len=1024, batch_slices=2,
+        num_layers=12, num_heads=2, head_dim=64, model_dim=128, window_max_tokens=448,
+        head_lr=0.22 / 128 ** 0.5, loss_chunk=128,
+    ),
+}
+EMBEDDED_TRAIN = "data/devil_jargon/devil_jargon_train_*.bin"
+
+
+def parse_value(text: str, typ):
+    if typ is bool or typ == "bool":
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    return {"int": int, "float": float, "str": str}.get(typ, typ)(text) if isinstance(typ, str) else typ(text)
+
+
+def parse_args(argv: list[str], cuda: bool) -> Hyperparameters:
+    """`--key=value` or `--key value` for any Hyperparameters field; the preset applies first."""
+    known = {f.name: f for f in fields(Hyperparameters)}
+    pairs = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: use --key=value (keys: {', '.join(known)})")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        if key not in known:
+            raise SystemExit(f"unknown hyperparameter --{key}; known: {', '.join(known)}")
+        try:
+            pairs[key] = parse_value(val, known[key].type)
+        except ValueError as e:
+            raise SystemExit(f"--{key}: {e}")
+        i += 1
+    preset = pairs.get("preset", "auto")
+    if preset == "auto":
+        preset = "speedrun" if cuda else "cpu"
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset must be one of auto, {', '.join(PRESETS)}; got {preset!r}")
+    args = Hyperparameters(**{**PRESETS[preset], **pairs, "preset": preset})
+    validate_args(args)
+    return args
+
+
+def validate_args(a: Hyperparameters):
+    def need(cond, msg):
+        if not cond:
+            raise SystemExit(f"bad hyperparameters: {msg}")
+    need(a.num_layers % 2 == 0, f"num_layers must be even (U-net skips pair layer i with L-1-i), got {a.num_layers}")
+    need(a.num_layers >= 6, f"num_layers must be >= 6 (value embeddings on the first and last 3), got {a.num_layers}")
+    need(len(a.window_pattern) == a.num_layers and set(a.window_pattern) <= {"L", "S"},
+         f"window_pattern must have one L/S per layer ({a.num_layers}), got {a.window_pattern!r}")
+    need(a.train_seq_len % a.block_size == 0 and a.val_seq_len % a.block_size == 0,
+         f"train_seq_len ({a.train_seq_len}) and val_seq_len ({a.val_seq_len}) must be multiples of block_size ({a.block_size})")
+    need(a.head_dim % 4 == 0, f"head_dim must be a multiple of 4 (half-truncated rotary), got {a.head_dim}")
+    need(a.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {a.attention!r}")
+    for k in ("compile", "fp8_head"):
+        need(getattr(a, k) in ("auto", "on", "off"), f"{k} must be auto, on or off, got {getattr(a, k)!r}")
+    need(a.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got {a.dtype!r}")
+    need(a.num_iterations >= 1, f"num_iterations must be >= 1, got {a.num_iterations}")
+
+
+def no_attn_set(a: Hyperparameters) -> set[int]:
+    return {int(s) for s in a.no_attn_layers.split(",") if s.strip() and int(s) < a.num_layers}
+
+
+def next_multiple_of_n(v: float, n: int) -> int:
+    return max(n, math.ceil(v / n) * n)
+
+
+# -----------------------------------------------------------------------------
+# 2. Muon: momentum, then orthogonalise the update with a Newton-Schulz iteration
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+    """Approximately U V^T of G = U S V^T (batched over leading dims), in bf16. The quintic's
+    coefficients maximise the slope at zero; the result has singular values in about [0.7, 1.2]."""
+    assert G.ndim >= 2
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.bfloat16()
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum + Newton-Schulz orthogonalisation for 2-D (or stacked 2-D) weights.
+    With several ranks each orthogonalises every world_size-th matrix of a same-shape group and the
+    updates are all-gathered, so no rank does all the Newton-Schulz work."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, rank=0, world_size=1):
+        params = list(params)
+        shapes = []
+        for p in params:
+            if p.shape not in shapes:
+                shapes.append(p.shape)
+        groups = [dict(params=[p for p in params if p.shape == s]) for s in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params, ws = group["params"], self.world_size
+            for base in range(0, len(params), ws):
+                mine = base + self.rank
+                if mine < len(params):
+                    p = params[mine]
+                    g = p.grad
+                    assert g is not None, "Muon parameter without a gradient"
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(g, 1 - group["momentum"])
+                    g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                    update = zeropower_via_newtonschulz5(g, group["ns_steps"]).to(p.dtype)
+                else:
+                    update = torch.zeros_like(params[base])  # this rank has no matrix left in the group
+                if ws > 1:
+                    gathered = [torch.empty_like(update) for _ in range(ws)]
+                    dist.all_gather(gathered, update.contiguous())
+                else:
+                    gathered = [update]
+                for j, u in enumerate(gathered):
+                    if base + j < len(params):
+                        p = params[base + j]
+                        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                        p.add_(u.view_as(p), alpha=-group["lr"] * scale)
+
+
+# -----------------------------------------------------------------------------
+# 3. Model
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+@torch.library.custom_op("nanogpt_mot::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x @ w.T with x in e4m3 (scale x_s) and w in e4m3 (scale w_s); returns bf16 out and the fp8 copies."""
+    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
+    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, use_fast_accum=True,
+                           scale_a=x.new_tensor(x_s, dtype=torch.float32),
+                           scale_b=x.new_tensor(w_s, dtype=torch.float32))
+    return out, x_f8, w_f8
+
+
+@fp8_mm.register_fake
+def _(x, w, x_s, w_s, grad_s):
+    return (x.new_empty(x.size(0), w.size(0), dtype=torch.bfloat16),
+            x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn))
+
+
+@torch.library.custom_op("nanogpt_mot::fp8_mm_backward", mutates_args=())
+def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
+    """Gradients in e5m2 (scale grad_s): dx = g @ w (bf16), dw = g.T @ x (fp32, for the optimizer)."""
+    one = lambda s: g.new_tensor(s, dtype=torch.float32)  # noqa: E731
+    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
+    # _scaled_mm wants its second operand column-major: .T.contiguous().T
+    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
+                              scale_a=one(grad_s), scale_b=one(w_s), use_fast_accum=False)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=one(x_s), scale_b=one(grad_s), use_fast_accum=False).T
+    return grad_x, grad_w
+
+
+@fp8_mm_backward.register_fake
+def _(g, x_f8, w_f8, x_s, w_s, grad_s):
+    return x_f8.to(torch.bfloat16), w_f8.to(torch.float32)
+
+
+def _fp8_backward(ctx, grad_out, *_):
+    x_f8, w_f8 = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.nanogpt_mot.fp8_mm_backward(grad_out.contiguous(), x_f8, w_f8, *ctx.scales)
+    return grad_x, grad_w, None, None, None
+
+
+def _fp8_setup(ctx, inputs, output):
+    *_, x_s, w_s, grad_s = inputs
+    _, x_f8, w_f8 = output
+    ctx.scales = (x_s, w_s, grad_s)
+    ctx.save_for_backward(x_f8, w_f8)
+
+
+fp8_mm.register_autograd(_fp8_backward, setup_context=_fp8_setup)
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, cast to the activation dtype per matmul; optional FP8 matmul (Hopper)."""
+
+    def __init__(self, in_features, out_features, use_fp8=False, x_s=1.0, w_s=1.0, grad_s=1.0):
+        super().__init__(in_features, out_features, bias=False)
+        self.use_fp8, self.x_s, self.w_s, self.grad_s = use_fp8, x_s, w_s, grad_s
+
+    def reset_parameters(self):
+        bound = 3 ** 0.5 * 0.5 * self.in_features ** -0.5  # uniform with std 0.5/sqrt(in)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_fp8 and self.training:
+            flat = x.flatten(0, -2)
+            out = torch.ops.nanogpt_mot.fp8_mm(flat, self.weight, self.x_s, self.w_s, self.grad_s)[0]
+            return out.reshape(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.type_as(x))
+
+
+class Rotary(nn.Module):
+    """Rotary embedding on half the dims: head_dim/4 frequencies (base 1024) + head_dim/4 zeros, so half
+    of each head is position-free. Rotates the two halves of the head (not interleaved pairs)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int):
+        super().__init__()
+        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 4)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+        self.register_buffer("cos", theta.cos(), persistent=False)
+        self.register_buffer("sin", theta.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
+        assert self.cos.size(0) >= x.size(-3), f"sequence of {x.size(-3)} longer than rotary table {self.cos.size(0)}"
+        cos, sin = self.cos[None, :x.size(-3), None, :], self.sin[None, :x.size(-3), None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        y1 = x1 * cos + x2 * sin
+        y2 = -x1 * sin + x2 * cos
+        return torch.cat((y1, y2), -1).type_as(x)
+
+
+# --- attention masks: document-causal, sliding window counted in blocks of visible keys ---------------
+
+def document_ids(input_seq: Tensor) -> Tensor:
+    """Doc id per token: EOT (50256) starts a document, so it belongs to the document it opens."""
+    return (input_seq == EOT_ID).cumsum(0)
+
+
+def block_visibility(docs: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """(any, all) over (query block, key block): any = some query token may see some key token
+    (causal and same document); all = every query token sees every key token."""
+    nb = docs.numel() // block_size
+    blocks = docs.view(nb, block_size)
+    low, high = blocks[:, 0], blocks[:, -1]  # docs are non-decreasing
+    idx = torch.arange(nb, device=docs.device)
+    any_ = (idx[:, None] >= idx[None, :]) & (low[:, None] <= high[None, :]) & (high[:, None] >= low[None, :])
+    all_ = (idx[:, None] > idx[None, :]) & (low[:, None] == high[None, :]) & (high[:, None] == low[None, :])
+    return any_, all_
+
+
+def windowed_blocks(any_: Tensor, window_blocks: Tensor) -> Tensor:
+    """Keep, for each query block, its `window_blocks` most recent visible key blocks. The rank counts
+    visible blocks at or after each key block, so the window spans visible blocks, not raw distance."""
+    recency = any_.flip(-1).to(torch.int32).cumsum(-1).flip(-1)
+    return any_ & (recency <= window_blocks)
+
+
+def _ordered(mask: Tensor) -> tuple[Tensor, Tensor]:
+    num = mask.sum(-1, dtype=torch.int32)
+    # stable argsort on ~mask lists the selected key blocks first, in increasing order
+    indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[None, None].contiguous(), indices[None, None].contiguous()
+
+
+def make_block_masks(input_seq: Tensor, window_blocks: Tensor, block_size: int):
+    """Long (window_blocks) and short (window_blocks // 2) FlexAttention BlockMasks, built from block
+    summaries only: O(num_blocks^2) work, never a token-level mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    docs = document_ids(input_seq)
+    any_, all_ = block_visibility(docs, block_size)
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+
+    def build(w):
+        kept = windowed_blocks(any_, w)
+        partial_num, partial_idx = _ordered(kept & ~all_)
+        full_num, full_idx = _ordered(kept & all_)
+        return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx,
+                                        BLOCK_SIZE=block_size, mask_mod=document_causal)
+    return build(window_blocks), build(torch.clamp_min(window_blocks // 2, 1))
+
+
+def make_dense_masks(input_seq: Tensor, window_blocks: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """The same two masks as make_block_masks, as dense (T, T) booleans for scaled_dot_product_attention."""
+    docs = document_ids(input_seq)
+    any_, _ = block_visibility(docs, block_size)
+    T = input_seq.numel()
+    pos = torch.arange(T, device=input_seq.device)
+    token_mask = (pos[:, None] >= pos[None, :]) & (docs[:, None] == docs[None, :])
+
+    def build(w):
+        kept = windowed_blocks(any_, w)
+        return kept.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1) & token_mask
+    return build(window_blocks), build(torch.clamp_min(window_blocks // 2, 1))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, max_seq_len: int, scale: float):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        hdim = num_heads * head_dim
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        self.qkv_w = nn.Parameter(torch.empty(3, hdim, dim).uniform_(-bound, bound))  # merged Q, K, V
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # value mixing: a*v + b*value_embedding
+        self.rotary = Rotary(head_dim, max_seq_len)
+        self.c_proj = CastedLinear(hdim, dim)
+        self.c_proj.weight.detach().zero_()
+
+    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
+        B, T = x.size(0), x.size(1)
+        assert B == 1, "packed sequences: one row per rank (documents are separated by EOT)"
+        H, D = self.num_heads, self.head_dim
+        q, k, v = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * H, D).chunk(3, dim=-2)
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v) if ve is not None else self.lambdas[0] * v
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if isinstance(mask, Tensor):  # dense boolean mask: CPU path and reference
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+            y = flex_attention(q, k, v, block_mask=mask, scale=self.scale)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, 4 * dim)
+        self.c_proj = CastedLinear(4 * dim, dim)
+        self.c_proj.weight.detach().zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, a: Hyperparameters, layer_idx: int, max_seq_len: int):
+        super().__init__()
+        self.attn = (None if layer_idx in no_attn_set(a) else
+                     CausalSelfAttention(a.model_dim, a.num_heads, a.head_dim, max_seq_len, a.attn_scale))
+        self.mlp = MLP(a.model_dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0
+
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, a: Hyperparameters, max_seq_len: int, use_fp8: bool = False):
+        super().__init__()
+        self.a = a
+        self.embed = nn.Embedding(a.vocab_size, a.model_dim)
+        # 3 value embeddings, used by the first 3 and the last 3 layers (012 ... 012)
+        self.value_embeds = nn.ModuleList([nn.Embedding(a.vocab_size, a.model_dim) for _ in range(3)])
+        self.blocks = nn.ModuleList([Block(a, i, max_seq_len) for i in range(a.num_layers)])
+        self.head_vocab = next_multiple_of_n(a.vocab_size, 128)  # 50257 -> 50304: tensor-core friendly
+        d = a.model_dim
+        self.lm_head = CastedLinear(d, self.head_vocab, use_fp8=use_fp8, x_s=d ** 0.5 / 448, w_s=24 / 448,
+                                    grad_s=1 / 448)
+        self.lm_head.weight.detach().zero_()
+        self.skip_weights = nn.Parameter(torch.ones(a.num_layers // 2))  # U-net: layer L-1-i reads layer i
+
+    def input_embedding(self, input_seq: Tensor) -> Tensor:
+        """x0 before the blocks; the MoT embedding plugs in here."""
+        return norm(self.embed(input_seq)[None])
+
+    def masks(self, input_seq: Tensor, window_blocks: Tensor, dense: bool):
+        make = make_dense_masks if dense else make_block_masks
+        long_m, short_m = make(input_seq, window_blocks, self.a.block_size)
+        return [long_m if c == "L" else short_m for c in self.a.window_pattern]
+
+    def features(self, input_seq: Tensor, window_blocks: Tensor, dense_mask: bool) -> Tensor:
+        """Final normed hidden states (1, T, model_dim)."""
+        assert input_seq.ndim == 1, f"input_seq must be 1-D (packed tokens), got {tuple(input_seq.shape)}"
+        L = self.a.num_layers
+        ve = [emb(input_seq) for emb in self.value_embeds]
+        ve = [ve[0], ve[1], ve[2]] + [None] * (L - 6) + [ve[0], ve[1], ve[2]]
+        masks = self.masks(input_seq, window_blocks, dense_mask)
+        x = x0 = self.input_embedding(input_seq).to(self.embed.weight.dtype)
+        skips = []
+        for i in range(L // 2):
+            x = self.blocks[i](x, ve[i], x0, masks[i])
+            skips.append(x)
+        for i in range(L // 2, L):
+            x = x + self.skip_weights[i - L // 2] * skips.pop()
+            x = self.blocks[i](x, ve[i], x0, masks[i])
+        return norm(x)
+
+    def head(self, h: Tensor) -> Tensor:
+        logits = self.lm_head(h).float()
+        return 30 * torch.sigmoid(logits / 7.5)  # softcap: 15 * (1 + tanh(x / 15))
+
+    def logits(self, input_seq: Tensor, window_blocks: Tensor, dense_mask: bool = False) -> Tensor:
+        return self.head(self.features(input_seq, window_blocks, dense_mask))
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor, dense_mask: bool = False) -> Tensor:
+        h = self.features(input_seq, window_blocks, dense_mask)[0]
+        chunk = self.a.loss_chunk if self.a.loss_chunk > 0 else h.size(0)
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.size(0), chunk):
+            total = total + F.cross_entropy(self.head(h[s:s + chunk]), target_seq[s:s + chunk], reduction="sum")
+        return total / h.size(0)
+
+
+def build_optimizers(model: GPT, a: Hyperparameters, rank: int, world_size: int, fused: bool):
+    """Adam for the head, the embeddings and the scalars; Muon for every matrix inside the blocks.
+    Asserts that every trainable parameter is in exactly one group."""
+    hidden_matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
+    embeds = [p for n, p in model.named_parameters() if "embed" in n and p.ndim >= 2 and not n.startswith("blocks.")]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    head = [model.lm_head.weight]
+    adam_groups = [dict(params=head, lr=a.head_lr), dict(params=embeds, lr=a.embed_lr),
+                   dict(params=scalars, lr=a.scalar_lr)]
+    adam = torch.optim.Adam(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused)
+    muon = Muon(hidden_matrices, lr=a.muon_lr, momentum=a.muon_momentum_end, rank=rank, world_size=world_size)
+    optimizers = [adam, muon]
+    check_optimizer_coverage(model, optimizers)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def check_optimizer_coverage(model: nn.Module, optimizers) -> None:
+    counts = {id(p): 0 for p in model.parameters() if p.requires_grad}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                counts[id(p)] = counts.get(id(p), 0) + 1
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [names.get(i, "?") for i, c in counts.items() if c == 0]
+    repeated = [names.get(i, "?") for i, c in counts.items() if c > 1]
+    assert not missing and not repeated, (f"every trainable parameter must be in exactly one optimizer group; "
+                                          f"in none: {missing}; in several: {repeated}")
+
+
+# -----------------------------------------------------------------------------
+# 4. Data
+
+
+def data_fix_hint(pattern: str) -> str:
+    if "fineweb" in pattern:
+        return "download it with `python data/cached_fineweb10B.py 8`"
+    if "devil_jargon" in pattern:
+        return "build the demo corpus with `python data/prepare.py`"
+    return "build shards with `python data/prepare.py --out_dir DIR your_texts*.txt`"
+
+
+def ensure_embedded_corpus(pattern: str, rank: int):
+    """The demo corpus is tokenized on first use (rank 0 writes; others wait)."""
+    import glob
+    if "devil_jargon" in pattern and not glob.glob(str(REPO_DIR / pattern)):
+        if rank == 0:
+            from data.prepare import prepare_embedded
+            print("tokenizing the embedded demo corpus (first use)...")
+            prepare_embedded()
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def distributed_data_generator(pattern: str, seq_len: int, rank: int, world_size: int, vocab_size: int,
+                               loop: bool = True):
+    """Yield (inputs int32, targets int64) of seq_len tokens for this rank. A micro-step consumes
+    world_size * seq_len consecutive tokens; rank r takes slice r (plus one token for the targets)."""
+    pattern = pattern if os.path.isabs(pattern) else str(REPO_DIR / pattern)
+    fix = data_fix_hint(pattern)
+    files = shard_files(pattern, fix)
+    span = world_size * seq_len
+    while True:
+        for f in files:
+            tokens = read_shard(f, vocab_size, fix)
+            if tokens.size < span + 1:
+                raise ShardError(f"shard {f} has {tokens.size} tokens, fewer than one batch needs "
+                                 f"({world_size} ranks x {seq_len} + 1 = {span + 1}); lower train_seq_len/val_seq_len "
+                                 f"or use more data. Fix: {fix}")
+            tokens = torch.from_numpy(tokens.astype(np.int32))
+            pos = 0
+            while pos + span + 1 <= tokens.numel():
+                buf = tokens[pos + rank * seq_len: pos + (rank + 1) * seq_len + 1]
+                yield buf[:-1], buf[1:].to(torch.int64)
+                pos += span
+        if not loop:
+            return
+
+
+# -----------------------------------------------------------------------------
+# 5. Records: log in the speedrun format + machine-readable summary
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return torch.cuda.get_device_name(device)
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def new_record_dir(records_dir: str, run_name: str) -> Path:
+    """A fresh folder; never reuses an existing one."""
+    root = Path(records_dir) if os.path.isabs(records_dir) else REPO_DIR / records_dir
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_name)
+    while True:
+        path = root / f"{stamp}_{safe}_{uuid.uuid4().hex[:6]}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+# -----------------------------------------------------------------------------
+# 6. Training
+
+
+def setup_distributed():
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 or "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world_size, device
+
+
+def all_reduce_mean_(tensors: list[Tensor], world_size: int):
+    """Average across ranks with one collective (gloo has no AVG, so SUM then divide)."""
+    if world_size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def lr_multiplier(step: int, a: Hyperparameters) -> float:
+    x = step / a.num_iterations
+    if x < 1 - a.cooldown_frac:
+        return 1.0
+    w = (1 - x) / a.cooldown_frac
+    return w * 1.0 + (1 - w) * 0.1
+
+
+def window_blocks_at(step: int, a: Hyperparameters) -> int:
+    return next_multiple_of_n(a.window_max_tokens * step / a.num_iterations, a.block_size) // a.block_size
+
+
+def main(argv=None):
+    rank, world_size, device = setup_distributed()
+    master = rank == 0
+    a = parse_args(sys.argv[1:] if argv is None else argv, cuda=device.type == "cuda")
+    if a.batch_slices % world_size != 0:
+        raise SystemExit(f"world size {world_size} must divide batch_slices={a.batch_slices} "
+                         f"(grad_accum = batch_slices // world_size)")
+    grad_accum = a.batch_slices // world_size
+    if a.val_tokens % (world_size * a.val_seq_len) != 0:
+        raise SystemExit(f"val_tokens={a.val_tokens} must be a multiple of world_size * val_seq_len "
+                         f"= {world_size * a.val_seq_len}")
+    cuda = device.type == "cuda"
+    hopper = cuda and torch.cuda.get_device_capability(device)[0] >= 9
+    use_flex = a.attention == "flex" or (a.attention == "auto" and cuda)
+    use_compile = a.compile == "on" or (a.compile == "auto" and cuda)
+    use_fp8 = a.fp8_head == "on" or (a.fp8_head == "auto" and hopper)
+    act_dtype = torch.bfloat16 if (a.dtype == "bfloat16" or (a.dtype == "auto" and cuda)) else torch.float32
+    if not use_flex and max(a.train_seq_len, a.val_seq_len) > 16384:
+        raise SystemExit(f"attention=sdpa builds dense (T, T) masks: keep train_seq_len/val_seq_len <= 16384 "
+                         f"(got {a.train_seq_len}/{a.val_seq_len}) or use attention=flex on a GPU")
+    if a.seed >= 0:
+        torch.manual_seed(a.seed)
+
+    record_dir = new_record_dir(a.records_dir, a.run_name) if (master and a.save_record) else None
+    logfile = open(record_dir / "train.log", "w") if record_dir else None
+
+    def print0(s: str = "", console: bool = True):
+        if master:
+            if console:
+                print(s, flush=True)
+            if logfile:
+                logfile.write(s + "\n")
+                logfile.flush()
+
+    # the source of the run goes first in its log, as in the speedrun
+    print0(Path(__file__).read_text(), console=False)
+    print0("=" * 100, console=False)
+    print0(f"Running Python {sys.version}", console=False)
+    print0(f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}", console=False)
+    print0(device_description(device), console=False)
+    print0("=" * 100, console=False)
+    print0(f"hyperparameters: {json.dumps(dataclasses.asdict(a))}")
+    print0(f"world_size={world_size} grad_accum={grad_accum} device={device} attention={'flex' if use_flex else 'sdpa'} "
+           f"compile={use_compile} fp8_head={use_fp8} dtype={act_dtype}")
+    if record_dir:
+        print0(f"record: {record_dir}")
+
+    ensure_embedded_corpus(a.train_files, rank)
+    ensure_embedded_corpus(a.val_files, rank)
+    train_loader = distributed_data_generator(a.train_files, a.train_seq_len, rank, world_size, a.vocab_size)
+
+    model = GPT(a, max_seq_len=max(a.train_seq_len, a.val_seq_len), use_fp8=use_fp8).to(device)
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and act_dtype == torch.bfloat16:
+            m.bfloat16()
+    if world_size > 1:
+        for p in model.parameters():
+            dist.broadcast(p.detach(), 0)
+    optimizers = build_optimizers(model, a, rank, world_size, fused=True)
+    adam, muon = optimizers
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"parameters: {n_params:,}")
+    fwd = torch.compile(model, dynamic=False) if use_compile else model
+    dense = not use_flex
+
+    def train_step(step: int, batches) -> Tensor:
+        window = torch.tensor(window_blocks_at(step, a), dtype=torch.int32, device=device)
+        total = torch.zeros((), device=device)
+        for inputs, targets in batches:
+            loss = fwd(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), window, dense)
+            (loss / grad_accum).backward()
+            total += loss.detach() / grad_accum
+        all_reduce_mean_([p.grad for p in model.parameters()], world_size)
+        lr_mul = lr_multiplier(step, a)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_mul
+        frac = min(step / a.muon_momentum_warmup, 1) if a.muon_momentum_warmup > 0 else 1.0
+        for group in muon.param_groups:
+            group["momentum"] = (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum_end
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return total
+
+    # untimed warm-up (compilation, kernel autotuning) on random tokens; state restored after
+    if a.warmup_steps > 0:
+        saved = dict(model=copy.deepcopy(model.state_dict()), opts=[copy.deepcopy(o.state_dict()) for o in optimizers])
+        g = torch.Generator().manual_seed(rank)
+        for w in range(a.warmup_steps):
+            fake = [torch.randint(0, a.vocab_size, (a.train_seq_len + 1,), generator=g, dtype=torch.int32)
+                    for _ in range(grad_accum)]
+            train_step(w, [(t[:-1], t[1:].long()) for t in fake])
+        model.load_state_dict(saved["model"])
+        for o, s in zip(optimizers, saved["opts"]):
+            o.load_state_dict(s)
+        del saved
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    val_history, step_ms, train_losses = [], [], []
+    training_time_ms = 0.0
+    tokens_per_step = a.batch_slices * a.train_seq_len
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    for step in range(a.num_iterations + 1):
+        last = step == a.num_iterations
+        if last or (a.val_loss_every > 0 and step % a.val_loss_every == 0 and step > 0):
+            sync()
+            training_time_ms += 1000 * (time.perf_counter() - t0)
+            model.eval()
+            val_steps = a.val_tokens // (world_size * a.val_seq_len)
+            val_loader = distributed_data_generator(a.val_files, a.val_seq_len, rank, world_size, a.vocab_size, loop=False)
+            window = torch.tensor(window_blocks_at(step, a), dtype=torch.int32, device=device)
+            val_loss = torch.zeros((), device=device)
+            with torch.no_grad():
+                for i in range(val_steps):
+                    try:
+                        inputs, targets = next(val_loader)
+                    except StopIteration:
+                        raise SystemExit(f"val data {a.val_files} ran out after {i} of {val_steps} steps: lower "
+                                         f"--val_tokens (now {a.val_tokens}) or --val_seq_len") from None
+                    val_loss += fwd(inputs.to(device), targets.to(device), window, dense)
+            val_loss /= val_steps
+            all_reduce_mean_([val_loss], world_size)
+            vl = val_loss.item()
+            val_history.append(dict(step=step, val_loss=vl, train_time_ms=training_time_ms))
+            print0(f"step:{step}/{a.num_iterations} val_loss:{vl:.4f} train_time:{training_time_ms:.0f}ms "
+                   f"step_avg:{training_time_ms / max(step, 1):.2f}ms")
+            model.train()
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        t_step = time.perf_counter()
+        loss = train_step(step, [next(train_loader) for _ in range(grad_accum)])
+        if a.sync_every_step:
+            sync()
+        now = time.perf_counter()
+        step_ms.append(1000 * (now - t_step))
+        train_losses.append(loss)
+        approx = training_time_ms + 1000 * (now - t0)
+        remaining = (a.num_iterations - step - 1) * approx / (step + 1) / 1000
+        print0(f"step:{step + 1}/{a.num_iterations} train_time:{approx:.0f}ms step_avg:{approx / (step + 1):.2f}ms "
+               f"eta:{remaining:.0f}s", console=master and (step < 10 or (step + 1) % 10 == 0))
+
+    if cuda:
+        peak_alloc = torch.cuda.max_memory_allocated() // 2**20
+        peak_reserved = torch.cuda.max_memory_reserved() // 2**20
+        print0(f"peak memory allocated: {peak_alloc} MiB reserved: {peak_reserved} MiB")
+    else:  # CPU: the process's peak resident set (includes Python and the data)
+        import resource
+        peak_alloc = peak_reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        print0(f"peak memory (max RSS): {peak_alloc} MiB")
+    train_losses = torch.stack(train_losses).tolist()
+    summary = dict(
+        run_name=a.run_name, hyperparameters=dataclasses.asdict(a), git_commit=git_commit(), world_size=world_size,
+        grad_accum=grad_accum, device=torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
+        torch=torch.__version__, attention="flex" if use_flex else "sdpa", compile=use_compile, fp8_head=use_fp8,
+        parameters=n_params, step_ms=step_ms, train_loss=train_losses, val=val_history,
+        final_val_loss=val_history[-1]["val_loss"], train_time_ms=training_time_ms,
+        tokens_per_s=tokens_per_step * a.num_iterations / (training_time_ms / 1000),
+        median_step_ms=float(np.median(step_ms)), peak_memory_allocated_mib=peak_alloc,
+        peak_memory_reserved_mib=peak_reserved, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    if record_dir:
+        (record_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print0(f"wrote {record_dir / 'summary.json'}")
+    if logfile:
+        logfile.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

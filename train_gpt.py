@@ -376,15 +376,20 @@ def make_block_masks(input_seq: Tensor, window_blocks: Tensor, block_size: int):
     docs = document_ids(input_seq)
     any_, all_ = block_visibility(docs, block_size)
 
-    def document_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
-
     def build(w):
         kept = windowed_blocks(any_, w)
+
+        # The window is in mask_mod too, so the mask is right wherever mask_mod is applied densely (eager
+        # flex_attention on the CPU ignores the block lists). The GPU kernel evaluates mask_mod only on
+        # partial blocks, so the extra lookup is nearly free.
+        def document_causal_window(b, h, q_idx, kv_idx):
+            return ((q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+                    & kept[q_idx // block_size, kv_idx // block_size])
+
         partial_num, partial_idx = _ordered(kept & ~all_)
         full_num, full_idx = _ordered(kept & all_)
         return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx,
-                                        BLOCK_SIZE=block_size, mask_mod=document_causal)
+                                        BLOCK_SIZE=block_size, mask_mod=document_causal_window)
     return build(window_blocks), build(torch.clamp_min(window_blocks // 2, 1))
 
 
@@ -747,7 +752,8 @@ def main(argv=None):
             loss = fwd(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), window, dense)
             (loss / grad_accum).backward()
             total += loss.detach() / grad_accum
-        all_reduce_mean_([p.grad for p in model.parameters()], world_size)
+        # gradients and the reported loss averaged over ranks in one collective
+        all_reduce_mean_([p.grad for p in model.parameters()] + [total], world_size)
         lr_mul = lr_multiplier(step, a)
         for opt in optimizers:
             for group in opt.param_groups:

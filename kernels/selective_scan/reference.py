@@ -1,0 +1,62 @@
+"""Plain sequential selective scan: one loop step per time step, autograd for gradients.
+
+Slow, but short enough to read against the recurrence; the other backends are tested against an
+independent float64 version of it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def discretize(dt: torch.Tensor, A: torch.Tensor, discretization: str):
+    """(decay, input coefficient) for dt (..., 1) and A (..., N).
+    zoh: exp(dt A) and dt (zero-order hold on A, Euler step on B, as in Mamba);
+    bilinear: (1 + dt A / 2) / (1 - dt A / 2) and dt / (1 - dt A / 2) (Tustin, as in S4)."""
+    x = dt * A
+    if discretization == "zoh":
+        return torch.exp(x), dt.expand_as(x)
+    denom = 1 - x / 2
+    return (1 + x / 2) / denom, dt / denom
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, seq_idx=None, discretization="zoh"):
+    """Same arguments and result as selective_scan_fn (see kernels.selective_scan.interface)."""
+    dtype_in = u.dtype
+    work = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta = u.to(work), delta.to(work)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(work)
+    if delta_softplus:
+        delta = torch.where(delta <= 20.0, F.softplus(delta), delta)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    A = A.to(work)
+    variable_B, variable_C = B.dim() >= 3, C.dim() >= 3
+
+    def per_channel(M):  # (b, N, L) or (b, G, N, L) -> (b, dim, N, L)
+        M = M.to(work)
+        if M.dim() == 3:
+            M = M[:, None]
+        return M.repeat_interleave(dim // M.shape[1], dim=1)
+
+    Bc = per_channel(B) if variable_B else B.to(work)
+    Cc = per_channel(C) if variable_C else C.to(work)
+    h = u.new_zeros(batch, dim, N)
+    ys = []
+    for t in range(L):
+        decay, coef = discretize(delta[:, :, t, None], A, discretization)
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).to(work)[:, None, None]
+            decay = decay * keep
+        Bt = Bc[:, :, :, t] if variable_B else Bc
+        Ct = Cc[:, :, :, t] if variable_C else Cc
+        h = decay * h + coef * Bt * u[:, :, t, None]
+        ys.append((h * Ct).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D[:, None].to(work)
+    out = y if z is None else y * F.silu(z.to(work))
+    out = out.to(dtype_in)
+    return (out, h) if return_last_state else out

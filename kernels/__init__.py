@@ -4,6 +4,13 @@ API-compatible with mamba_ssm (same names, signatures and semantics), plus `seq_
 documents and a per-call or global backend choice ("triton", "torch", "ref").
 """
 from ._utils import get_backend, set_backend, use_backend
-from .selective_scan import selective_scan_fn, selective_scan_ref
+from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update
+from .modules import InferenceParams, Mamba
+from .selective_scan import mamba_inner_fn, selective_scan_fn, selective_scan_ref
+from .state_update import selective_state_update, selective_state_update_ref
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "set_backend", "get_backend", "use_backend"]
+__all__ = [
+    "selective_scan_fn", "selective_scan_ref", "mamba_inner_fn", "causal_conv1d_fn", "causal_conv1d_ref",
+    "causal_conv1d_update", "selective_state_update", "selective_state_update_ref", "Mamba", "InferenceParams",
+    "set_backend", "get_backend", "use_backend",
+]

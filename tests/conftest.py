@@ -5,3 +5,10 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+import torch  # noqa: E402
+
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter (must be set before
+# triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,3 @@
+from .mamba_simple import InferenceParams, Mamba
+
+__all__ = ["Mamba", "InferenceParams"]

@@ -45,15 +45,17 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Cc = per_channel(C) if variable_C else C.to(work)
     h = u.new_zeros(batch, dim, N)
     ys = []
+    # unbind the time axis once (per-step indexing would make autograd's backward quadratic in L)
+    deltas, us = delta.unbind(-1), u.unbind(-1)
+    Bs = Bc.unbind(-1) if variable_B else [Bc] * L
+    Cs = Cc.unbind(-1) if variable_C else [Cc] * L
     for t in range(L):
-        decay, coef = discretize(delta[:, :, t, None], A, discretization)
+        decay, coef = discretize(deltas[t][:, :, None], A, discretization)
         if seq_idx is not None and t > 0:
             keep = (seq_idx[:, t] == seq_idx[:, t - 1]).to(work)[:, None, None]
             decay = decay * keep
-        Bt = Bc[:, :, :, t] if variable_B else Bc
-        Ct = Cc[:, :, :, t] if variable_C else Cc
-        h = decay * h + coef * Bt * u[:, :, t, None]
-        ys.append((h * Ct).sum(-1))
+        h = decay * h + coef * Bs[t] * us[t][:, :, None]
+        ys.append((h * Cs[t]).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D[:, None].to(work)

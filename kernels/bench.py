@@ -1,0 +1,205 @@
+"""Microbenchmarks for the kernels: one entry point for every op.
+
+    python -m kernels.bench                       # default shapes for this device (GPU or CPU)
+    python -m kernels.bench --op scan --shapes 8x1536x2048x16 --dtype bf16 --json out.json
+    python -m kernels.bench --backends torch,ref --repeat 3
+
+Per shape and implementation: forward ms and forward+backward ms (median), peak memory above the inputs
+(CUDA), achieved GB/s of the forward (each input read once, the output written once) and its share of
+the device's copy bandwidth measured in the same run, and the speed ratio against the reference.
+Peers run when installed: mambapy (pure-torch parallel scan) and mamba_ssm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from . import selective_scan_fn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, repeat: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms. CUDA: triton's do_bench (events, cache flush) when available."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+            return float(do_bench(fn, warmup=25, rep=max(100, 20 * repeat), return_mode="median"))
+        except ImportError:
+            pass
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device) -> float:
+    """Device copy bandwidth: bytes read + bytes written per second for a large copy."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeat=10)
+    return 2 * src.numel() * src.element_size() / (ms / 1000) / 1e9
+
+
+def peak_mem_mib(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ------------------------------------------------------------------ selective scan
+
+def scan_inputs(batch, dim, L, N, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    return dict(u=r(batch, dim, L).to(dtype), delta=(0.5 * r(batch, dim, L)).to(dtype),
+                A=-(torch.rand(dim, N, generator=g, device=device) + 0.5), B=r(batch, N, L).to(dtype),
+                C=r(batch, N, L).to(dtype), D=r(dim), z=r(batch, dim, L).to(dtype), delta_bias=0.5 * r(dim))
+
+
+def mambapy_scan(u, delta, A, B, C, D, z, delta_bias):
+    """The same function through mambapy's parallel scan (materialises (batch, L, dim, N))."""
+    from mambapy.pscan import pscan
+    dt = torch.nn.functional.softplus(delta.float() + delta_bias[:, None]).transpose(1, 2)  # (b, L, d)
+    x = u.float().transpose(1, 2)
+    dA = torch.exp(dt.unsqueeze(-1) * A)
+    BX = (dt * x).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(2)
+    hs = pscan(dA, BX)
+    y = (hs @ C.float().transpose(1, 2).unsqueeze(-1)).squeeze(-1) + D * x
+    return (y * torch.nn.functional.silu(z.float().transpose(1, 2))).transpose(1, 2)
+
+
+def scan_impls(device, backends):
+    impls = {}
+    for b in backends:
+        impls[b] = lambda b=b, **kw: selective_scan_fn(**kw, delta_softplus=True, backend=b)
+    try:
+        import mambapy.pscan  # noqa: F401
+        impls["mambapy"] = lambda **kw: mambapy_scan(**kw)
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as upstream
+            impls["mamba_ssm"] = lambda **kw: upstream(**kw, delta_softplus=True)
+        except Exception:  # noqa: BLE001 - its import fails in many ways (undefined symbols, no build)
+            pass
+    return impls
+
+
+def bench_scan(shape, dtype, device, backends, repeat, bandwidth, max_ref_elems):
+    batch, dim, L, N = shape
+    inp = scan_inputs(batch, dim, L, N, dtype, device)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    fwd_bytes = elt * (4 * batch * dim * L + 2 * batch * N * L) + 4 * (dim * N + 2 * dim)
+    rows = []
+    for name, impl in scan_impls(device, backends).items():
+        if name in ("ref", "mambapy") and batch * dim * L * N > max_ref_elems:
+            rows.append(dict(impl=name, skipped=f"> {max_ref_elems:.0e} state elements (slow or huge)"))
+            continue
+        leaves = {k: v.detach().clone().requires_grad_(k not in ("A",)) for k, v in inp.items()}
+        fwd = lambda: impl(**{k: v.detach() for k, v in leaves.items()})  # noqa: E731
+
+        def fwd_bwd():
+            out = impl(**leaves)
+            out.backward(torch.ones_like(out))
+            for v in leaves.values():
+                v.grad = None
+        try:
+            with torch.no_grad():
+                f_ms = time_ms(fwd, device, repeat)
+            fb_ms = time_ms(fwd_bwd, device, repeat)
+            mem = peak_mem_mib(fwd_bwd, device)
+        except (RuntimeError, MemoryError) as e:  # e.g. out of memory for a materialising peer
+            rows.append(dict(impl=name, skipped=f"{type(e).__name__}: {str(e)[:80]}"))
+            continue
+        gbs = fwd_bytes / (f_ms / 1000) / 1e9
+        rows.append(dict(impl=name, fwd_ms=f_ms, fwd_bwd_ms=fb_ms, peak_mib=mem, fwd_gbs=gbs,
+                         fwd_pct_copy_bw=100 * gbs / bandwidth))
+    ref = next((r for r in rows if r["impl"] == "ref" and "fwd_ms" in r), None)
+    for r in rows:
+        if ref and "fwd_ms" in r:
+            r["fwd_speedup_vs_ref"] = ref["fwd_ms"] / r["fwd_ms"]
+            r["fwd_bwd_speedup_vs_ref"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return rows
+
+
+def print_table(title, rows):
+    print(f"\n## {title}")
+    print("| impl | fwd ms | fwd+bwd ms | peak MiB | fwd GB/s | % copy BW | fwd x ref | fwd+bwd x ref |")
+    print("|---|---|---|---|---|---|---|---|")
+    f = lambda r, k, s: format(r[k], s) if r.get(k) is not None else "-"  # noqa: E731
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['impl']} | skipped: {r['skipped']} |||||||")
+            continue
+        print(f"| {r['impl']} | {f(r, 'fwd_ms', '.2f')} | {f(r, 'fwd_bwd_ms', '.2f')} | {f(r, 'peak_mib', '.0f')} | "
+              f"{f(r, 'fwd_gbs', '.1f')} | {f(r, 'fwd_pct_copy_bw', '.1f')} | {f(r, 'fwd_speedup_vs_ref', '.1f')} | "
+              f"{f(r, 'fwd_bwd_speedup_vs_ref', '.1f')} |")
+
+
+def parse_shape(s):
+    parts = tuple(int(p) for p in s.lower().split("x"))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"shape must be BATCHxDIMxLxN, got {s!r}")
+    return parts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", choices=["scan", "all"], default="all")
+    ap.add_argument("--shapes", type=parse_shape, nargs="*", default=None, help="BATCHxDIMxLxN for the scan")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--backends", default=None, help="comma-separated (default: triton,torch,ref on CUDA; torch,ref on CPU)")
+    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--max_ref_elems", type=float, default=3e8, help="skip ref/mambapy above this batch*dim*L*N")
+    ap.add_argument("--json", default=None, help="write all rows here")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    backends = (args.backends or ("triton,torch,ref" if cuda else "torch,ref")).split(",")
+    repeat = args.repeat or (20 if cuda else 3)
+    shapes = args.shapes or ([(8, 1536, 2048, 16), (4, 2048, 8192, 16)] if cuda else [(2, 256, 2048, 16), (8, 128, 512, 16)])
+    name = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    bw = copy_bandwidth_gbs(device)
+    print(f"device: {name} | torch {torch.__version__} | dtype {str(dtype).replace('torch.', '')} | "
+          f"measured copy bandwidth {bw:.1f} GB/s", flush=True)
+    results = dict(device=name, torch=torch.__version__, dtype=str(dtype), copy_bandwidth_gbs=bw, argv=sys.argv, ops={})
+    if args.op in ("scan", "all"):
+        for shape in shapes:
+            rows = bench_scan(shape, dtype, device, backends, repeat, bw, args.max_ref_elems)
+            results["ops"][f"selective_scan {shape}"] = rows
+            print_table(f"selective_scan (batch, dim, L, N) = {shape}, delta_softplus, D, z, delta_bias", rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Chunked SSD in PyTorch (the CPU path): per chunk of Q steps, the output is a masked C.B^T matmul
+against dt*x plus the carried state read through C; chunk states pass sequentially between chunks.
+Autograd gives the gradients.
+
+Decays are exp of differences of a cumsum inside one chunk (at most Q terms), never a long cumsum minus
+another, so precision does not degrade with L. Heads are laid out as (groups, heads per group) so B and
+C broadcast over a group's heads without copies. Memory is O(batch * L * heads * Q), so the internal
+chunk is min(chunk_size, 64): the chunking is an implementation detail, the result does not depend on it.
+
+Packed documents (seq_idx): C_t.B_s terms and decays between different documents are masked; a chunk's
+end state only collects tokens of the document that chunk ends in; the incoming state reaches only tokens
+of the document it belongs to (the initial state belongs to the first document of each row).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import process_dt
+
+MAX_TORCH_CHUNK = 64
+
+
+def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+              dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R = H // G
+    Q = min(chunk_size, MAX_TORCH_CHUNK)
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, L, H)
+    xw, Bw, Cw = x.to(work), B.to(work), C.to(work)
+    pad = (-L) % Q
+    seq = seq_idx
+    if pad:  # identity steps: dt = 0 means no decay and no input
+        xw = F.pad(xw, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        Bw = F.pad(Bw, (0, 0, 0, 0, 0, pad))
+        Cw = F.pad(Cw, (0, 0, 0, 0, 0, pad))
+        if seq is not None:
+            seq = torch.cat([seq, seq[:, -1:].expand(batch, pad)], 1)
+    nc = (L + pad) // Q
+    xc = xw.view(batch, nc, Q, G, R, P)
+    dtc = dt.view(batch, nc, Q, G, R)
+    Bc, Cc = Bw.view(batch, nc, Q, G, N), Cw.view(batch, nc, Q, G, N)
+    cs = torch.cumsum(dtc * A.to(work).view(G, R), dim=2)  # (b, nc, Q, G, R), within each chunk
+    xdt = xc * dtc[..., None]
+
+    t_ge_s = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
+    mask = t_ge_s[None, None]
+    if seq is not None:
+        sc = seq.view(batch, nc, Q)
+        mask = mask & (sc[:, :, :, None] == sc[:, :, None, :])
+        seq_end = sc[:, :, -1]  # document each chunk ends in
+        seq_in = torch.cat([seq[:, :1], seq_end[:, :-1]], 1)  # document of the state entering each chunk
+    # 1. inside each chunk: y_t += sum_{s<=t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s
+    seg = cs[:, :, :, None] - cs[:, :, None, :]  # (b, nc, Qt, Qs, G, R)
+    decay = torch.exp(seg.masked_fill(~mask[..., None, None], -torch.inf))
+    CB = torch.einsum("bctgn,bcsgn->bctsg", Cc, Bc)
+    y = torch.einsum("bctsgr,bcsgrp->bctgrp", CB[..., None] * decay, xdt)
+    # 2. each chunk's own contribution to its end state
+    w_end = torch.exp(cs[:, :, -1:] - cs)
+    if seq is not None:
+        w_end = w_end * (sc == seq_end[..., None])[..., None, None]
+    states = torch.einsum("bcsgn,bcsgr,bcsgrp->bcgrpn", Bc, w_end, xdt)
+    # 3. pass states between chunks
+    chunk_decay = torch.exp(cs[:, :, -1])  # (b, nc, G, R)
+    if seq is not None:
+        chunk_decay = chunk_decay * (seq_end == seq_in)[..., None, None]
+    h = (initial_states.to(work).view(batch, G, R, P, N) if initial_states is not None
+         else xw.new_zeros(batch, G, R, P, N))
+    incoming = []
+    for c in range(nc):
+        incoming.append(h)
+        h = chunk_decay[:, c, ..., None, None] * h + states[:, c]
+    h_in = torch.stack(incoming, 1)  # (b, nc, G, R, P, N)
+    # 4. the incoming state, decayed to each step and read through C
+    w_in = torch.exp(cs)
+    if seq is not None:
+        w_in = w_in * (sc == seq_in[..., None])[..., None, None]
+    y = y + torch.einsum("bctgn,bcgrpn->bctgrp", Cc, h_in) * w_in[..., None]
+    y = y.reshape(batch, nc * Q, H, P)[:, :L]
+    if D is not None:
+        Dw = D.to(work)
+        y = y + (Dw[:, None] if Dw.dim() == 1 else Dw) * xw[:, :L]
+    if z is not None:
+        y = y * F.silu(z.to(work))
+    y = y.to(x.dtype)
+    if return_final_states:
+        return y, h.reshape(batch, H, P, N).to(torch.float64 if work == torch.float64 else torch.float32)
+    return y

@@ -1,0 +1,248 @@
+"""mamba_chunk_scan_combined against an independent float64 recurrence, forward and every gradient;
+packed documents; the Mamba2 module; errors.
+
+Tolerances: fp32 paths against float64 are compared by norm-relative error < 1e-5 (fp32 rounding over
+<= 200 steps lands near 1e-7; exp of in-chunk cumsum differences adds no growth with L).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import InferenceParams, Mamba2, mamba_chunk_scan_combined, ssd_minimal_discrete
+
+BACKENDS = ["torch", "ref"]
+
+
+def oracle(x, dt, A, B, C, D=None, z=None, dt_bias=None, h0=None, seq_idx=None, softplus=False,
+           dt_limit=(0.0, float("inf"))):
+    """Float64, one head and one time step at a time."""
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    batch, L, H, P = x.shape
+    G, N = B.shape[2:]
+    if dt_bias is not None:
+        dt = dt + dt_bias.double()
+    if softplus:
+        dt = torch.where(dt <= 20, torch.log1p(torch.exp(dt)), dt)
+    if tuple(dt_limit) != (0.0, float("inf")):  # upstream clamps only for a non-default limit
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    y = torch.zeros(batch, L, H, P, dtype=torch.float64)
+    finals = torch.zeros(batch, H, P, N, dtype=torch.float64)
+    ys = [[None] * H for _ in range(batch)]
+    fs = [[None] * H for _ in range(batch)]
+    for b in range(batch):
+        for h in range(H):
+            g = h // (H // G)
+            s = h0[b, h].double() if h0 is not None else torch.zeros(P, N, dtype=torch.float64)
+            rows = []
+            for t in range(L):
+                decay = torch.exp(dt[b, t, h] * A[h])
+                if seq_idx is not None and t > 0 and seq_idx[b, t] != seq_idx[b, t - 1]:
+                    decay = decay * 0
+                s = decay * s + dt[b, t, h] * torch.outer(x[b, t, h], B[b, t, g])
+                rows.append(s @ C[b, t, g])
+            ys[b][h] = torch.stack(rows)
+            fs[b][h] = s
+    y = torch.stack([torch.stack(r, 1) for r in ys])  # (b, L, H, P)
+    finals = torch.stack([torch.stack(r) for r in fs])
+    if D is not None:
+        y = y + (D.double()[:, None] if D.dim() == 1 else D.double()) * x
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, finals
+
+
+def make(batch, L, H, P, G, N, D="hp", z=True, bias=True, h0=True, docs=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    inp = dict(x=r(batch, L, H, P), dt=r(batch, L, H) * 0.7, A=-(torch.rand(H, generator=g) * 1.5 + 0.1),
+               B=r(batch, L, G, N), C=r(batch, L, G, N))
+    inp["D"] = r(H, P) if D == "hp" else (r(H) if D == "h" else None)
+    inp["z"] = r(batch, L, H, P) if z else None
+    inp["dt_bias"] = r(H) * 0.5 if bias else None
+    inp["initial_states"] = r(batch, H, P, N) if h0 else None
+    low = ("x", "dt", "B", "C", "z") if dtype != torch.float64 else tuple(inp)  # float64: everything
+    inp = {k: (v.to(dtype) if v is not None and k in low else v) for k, v in inp.items()}
+    seq = None
+    if docs:
+        seq = torch.zeros(batch, L, dtype=torch.int32)
+        for s in docs:
+            seq[:, s:] += 1
+    return inp, seq
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check(backend, inp, seq, chunk, softplus, dt_limit, tol=1e-5):
+    leaves = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
+    out, final = mamba_chunk_scan_combined(
+        leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk, D=leaves.get("D"), z=leaves.get("z"),
+        dt_bias=leaves.get("dt_bias"), initial_states=leaves.get("initial_states"), seq_idx=seq,
+        dt_softplus=softplus, dt_limit=dt_limit, return_final_states=True, backend=backend)
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in inp.items() if v is not None}
+    ref, ref_final = oracle(ref_leaves["x"], ref_leaves["dt"], ref_leaves["A"], ref_leaves["B"], ref_leaves["C"],
+                            ref_leaves.get("D"), ref_leaves.get("z"), ref_leaves.get("dt_bias"),
+                            ref_leaves.get("initial_states"), seq, softplus, dt_limit)
+    assert out.dtype == inp["x"].dtype and final.dtype == torch.float32
+    assert rel(out, ref) < tol, rel(out, ref)
+    assert rel(final, ref_final) < tol
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    gf = torch.randn(final.shape, generator=torch.Generator().manual_seed(4))
+    (out * g).sum().add((final * gf).sum()).backward()
+    (ref * g.double()).sum().add((ref_final * gf.double()).sum()).backward()
+    for k in leaves:
+        assert leaves[k].grad is not None, f"no gradient for {k}"
+        e = rel(leaves[k].grad, ref_leaves[k].grad)
+        assert e < tol * 10, f"d{k} rel err {e:.2e}"
+
+
+# (batch, L, H, P, G, N, chunk, D, z, bias, h0, softplus, dt_limit, docs)
+INF = float("inf")
+CASES = [
+    (1, 1, 4, 3, 1, 4, 16, "hp", True, True, True, True, (0.0, INF), None),
+    (2, 31, 4, 3, 2, 4, 16, "h", True, True, True, True, (0.0, INF), [7, 16]),
+    (1, 64, 4, 2, 1, 3, 32, None, False, False, False, False, (0.0, INF), None),
+    (2, 65, 4, 2, 2, 5, 64, "hp", False, True, True, True, (0.05, 1.5), [32, 33, 64]),
+    (1, 200, 4, 2, 2, 3, 32, "h", True, True, True, True, (0.0, INF), [1, 64, 150]),
+    (2, 48, 4, 3, 4, 2, 16, "hp", True, False, True, False, (0.0, 0.3), [16, 32]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[f"L{c[1]}-Q{c[6]}-G{c[4]}" for c in CASES])
+def test_against_float64_recurrence(backend, case):
+    batch, L, H, P, G, N, chunk, D, z, bias, h0, sp, lim, docs = case
+    inp, seq = make(batch, L, H, P, G, N, D, z, bias, h0, docs, seed=L)
+    check(backend, inp, seq, chunk, sp, lim)
+
+
+def test_bf16_inputs():
+    inp, seq = make(2, 40, 4, 4, 2, 4, docs=[20], dtype=torch.bfloat16, seed=9)
+    check("torch", inp, seq, 16, True, (0.0, INF), tol=2e-2)
+
+
+def test_result_does_not_depend_on_chunk_size():
+    inp, seq = make(1, 50, 4, 2, 2, 3, docs=[10, 30], dtype=torch.float64, seed=1)
+    outs = [mamba_chunk_scan_combined(**inp, chunk_size=c, seq_idx=seq, dt_softplus=True, backend="torch")
+            for c in (1, 7, 16, 256)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-10, atol=1e-12)
+
+
+def test_minimal_discrete_reference_agrees():
+    inp, _ = make(2, 32, 4, 3, 4, 5, D=None, z=False, bias=False, h0=True, dtype=torch.float64, seed=2)
+    dt = F.softplus(inp["dt"])
+    y, final = ssd_minimal_discrete(inp["x"] * dt[..., None], inp["A"] * dt, inp["B"], inp["C"], 8,
+                                    initial_states=inp["initial_states"])
+    ref, ref_final = oracle(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], h0=inp["initial_states"], softplus=True)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(final, ref_final)
+
+
+def test_gradcheck_float64():
+    inp, seq = make(1, 9, 2, 2, 1, 2, dtype=torch.float64, seed=5, docs=[4])
+    keys = [k for k, v in inp.items() if v is not None]
+    f = lambda *a: mamba_chunk_scan_combined(**dict(zip(keys, a)), chunk_size=4, seq_idx=seq, dt_softplus=True,  # noqa: E731
+                                             backend="torch")
+    assert torch.autograd.gradcheck(f, [inp[k].double().requires_grad_() for k in keys], eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_document_isolation(backend):
+    inp, seq = make(1, 60, 4, 2, 2, 3, h0=False, docs=[20, 45], seed=6)
+    changed = {k: (v.clone() if v is not None else None) for k, v in inp.items()}
+    for k in ("x", "dt", "B", "C", "z"):
+        changed[k][:, 20:45] += torch.randn_like(changed[k][:, 20:45])
+
+    def run(d):
+        xs = {k: v.clone().requires_grad_() for k, v in d.items() if v is not None}
+        out = mamba_chunk_scan_combined(**xs, chunk_size=16, seq_idx=seq, dt_softplus=True, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), {k: v.grad for k, v in xs.items()}
+
+    o0, g0 = run(inp)
+    o1, g1 = run(changed)
+    for sl in (slice(0, 20), slice(45, 60)):
+        torch.testing.assert_close(o0[:, sl], o1[:, sl], rtol=0, atol=1e-6)
+        for k in ("x", "dt", "B", "C", "z"):
+            torch.testing.assert_close(g0[k][:, sl], g1[k][:, sl], rtol=0, atol=1e-6)
+    assert not torch.allclose(o0[:, 20:45], o1[:, 20:45])
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=torch.randn(2, 10, 4)), r"x must have shape \(\*, \*, \*, \*\)"),
+    (dict(dt=torch.randn(2, 10, 3)), r"dt must have shape \(2, 10, 4\)"),
+    (dict(A=torch.randn(4, 1)), r"A must have shape \(4\)"),
+    (dict(B=torch.randn(2, 10, 3, 5), C=torch.randn(2, 10, 3, 5)), "B has 3 groups, which must divide nheads=4"),
+    (dict(C=torch.randn(2, 10, 2, 4)), r"C must have shape \(2, 10, 2, 5\)"),
+    (dict(D=torch.randn(3)), r"D must have shape \(4,\) or \(4, 3\)"),
+    (dict(initial_states=torch.randn(2, 4, 3, 4)), r"initial_states must have shape \(2, 4, 3, 5\)"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(dt_limit=(1.0, 0.5)), "dt_limit must be"),
+    (dict(seq_idx=torch.zeros(2, 10, dtype=torch.float32)), "seq_idx must have dtype in"),
+])
+def test_bad_inputs(change, message):
+    inp, _ = make(2, 10, 4, 3, 2, 5, seed=0)
+    args = dict(inp, chunk_size=8)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        mamba_chunk_scan_combined(**args)
+
+
+# ------------------------------------------------------------------ Mamba2 module
+
+MAMBA2_KEYS = {  # mamba_ssm Mamba2(d_model=64, d_state=16, headdim=32): names and shapes
+    "dt_bias": (4,), "A_log": (4,), "D": (4,), "in_proj.weight": (292, 64), "conv1d.weight": (160, 1, 4),
+    "conv1d.bias": (160,), "norm.weight": (128,), "out_proj.weight": (64, 128),
+}
+
+
+def test_mamba2_state_dict_and_init():
+    torch.manual_seed(0)
+    m = Mamba2(64, d_state=16, headdim=32)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == MAMBA2_KEYS
+    m.load_state_dict({k: torch.randn(s) for k, s in MAMBA2_KEYS.items()}, strict=True)
+    m = Mamba2(64, d_state=16, headdim=32, A_init_range=(1, 16))
+    A = torch.exp(m.A_log)
+    assert (A >= 1).all() and (A <= 16).all() and torch.equal(m.D, torch.ones(4))
+    dt = F.softplus(m.dt_bias)
+    assert (dt >= 0.001 * 0.999).all() and (dt <= 0.1 * 1.001).all()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ngroups=2, D_has_hdim=True, rmsnorm=False, dt_limit=(0.001, 0.05))],
+                         ids=["default", "groups-hdimD-nonorm-limit"])
+def test_mamba2_decoding_equals_forward(kw):
+    torch.manual_seed(1)
+    m = Mamba2(32, d_state=8, headdim=16, chunk_size=8, layer_idx=0, **kw)
+    x = torch.randn(2, 13, 32)
+    with torch.no_grad():
+        full = m(x)
+        ip = InferenceParams(13, 2)
+        outs = [m(x[:, :4], inference_params=ip)]
+        ip.seqlen_offset = 4
+        for t in range(4, 13):
+            outs.append(m(x[:, t:t + 1], inference_params=ip))
+            ip.seqlen_offset += 1
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba2_seq_idx_isolates_documents_and_trains():
+    torch.manual_seed(2)
+    m = Mamba2(32, d_state=8, headdim=16, chunk_size=8)
+    x = torch.randn(1, 21, 32, requires_grad=True)
+    seq = torch.zeros(1, 21, dtype=torch.int32)
+    seq[:, 11:] = 1
+    out = m(x, seq_idx=seq)
+    torch.testing.assert_close(out[:, 11:], m(x[:, 11:]), rtol=1e-5, atol=1e-6)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_gated_rmsnorm():
+    norm = kernels.RMSNormGated(8, group_size=4, norm_before_gate=False)
+    x, z = torch.randn(3, 8), torch.randn(3, 8)
+    v = (x * F.silu(z)).view(3, 2, 4)
+    expected = (v / v.square().mean(-1, keepdim=True).add(1e-5).sqrt()).view(3, 8)
+    torch.testing.assert_close(norm(x, z), expected)

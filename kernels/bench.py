@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import selective_scan_fn
+from . import mamba_chunk_scan_combined, selective_scan_fn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -147,6 +147,91 @@ def bench_scan(shape, dtype, device, backends, repeat, bandwidth, max_ref_elems)
     return rows
 
 
+# ------------------------------------------------------------------ Mamba-2 SSD
+
+def ssd_inputs(batch, L, H, P, N, G, dtype, device, docs, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    inp = dict(x=r(batch, L, H, P).to(dtype), dt=r(batch, L, H).to(dtype), A=-(torch.rand(H, generator=g, device=device) + 0.5),
+               B=r(batch, L, G, N).to(dtype), C=r(batch, L, G, N).to(dtype), D=r(H), dt_bias=r(H))
+    seq = None
+    if docs:  # documents of L / docs tokens each
+        seq = (torch.arange(L, device=device) * docs // L).to(torch.int32).expand(batch, L).contiguous()
+    return inp, seq
+
+
+def ssd_flops(batch, L, H, P, N, G, chunk):
+    """Matmul FLOPs of the chunked algorithm: C.B^T per group, the masked (Q x Q) @ x, chunk states and
+    the state read-out per head."""
+    return batch * L * (2 * chunk * N * G + 2 * chunk * P * H + 4 * P * N * H)
+
+
+def ssd_impls(device, backends):
+    impls = {b: (lambda b=b, seq=None, chunk=256, **kw: mamba_chunk_scan_combined(
+        **kw, chunk_size=chunk, seq_idx=seq, dt_softplus=True, backend=b)) for b in backends}
+    if device.type == "cuda":
+        try:
+            from fla.ops.simple_gla import chunk_simple_gla
+
+            def fla(seq=None, chunk=256, x=None, dt=None, A=None, B=None, C=None, D=None, dt_bias=None):
+                if seq is not None or B.shape[2] != x.shape[2]:
+                    return None  # no packed documents; groups must equal heads
+                d = torch.nn.functional.softplus(dt.float() + dt_bias)
+                return chunk_simple_gla(q=C, k=B, v=x * d[..., None].to(x.dtype), g=A * d, scale=1.0)[0]
+            impls["fla chunk_simple_gla"] = fla
+        except ImportError:
+            pass
+    return impls
+
+
+def bench_ssd(shape, dtype, device, backends, repeat, docs, max_ref_len):
+    batch, L, H, P, N, G, chunk = shape
+    inp, seq = ssd_inputs(batch, L, H, P, N, G, dtype, device, docs)
+    flops = ssd_flops(batch, L, H, P, N, G, chunk)
+    rows = []
+    for name, impl in ssd_impls(device, backends).items():
+        if name == "ref" and L * batch > max_ref_len:
+            rows.append(dict(impl=name, skipped=f"batch*L > {max_ref_len}"))
+            continue
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+        if name.startswith("fla") and G != H:
+            leaves["B"] = leaves["B"].detach().repeat_interleave(H // G, 2).requires_grad_()
+            leaves["C"] = leaves["C"].detach().repeat_interleave(H // G, 2).requires_grad_()
+        if impl(seq=seq, chunk=chunk, **{k: v.detach() for k, v in leaves.items()}) is None:
+            rows.append(dict(impl=name, skipped="unsupported options (seq_idx or groups != heads)"))
+            continue
+
+        def fwd_bwd():
+            out = impl(seq=seq, chunk=chunk, **leaves)
+            out.backward(torch.ones_like(out))
+            for v in leaves.values():
+                v.grad = None
+        with torch.no_grad():
+            f_ms = time_ms(lambda: impl(seq=seq, chunk=chunk, **leaves), device, repeat)
+        fb_ms = time_ms(fwd_bwd, device, repeat)
+        rows.append(dict(impl=name, fwd_ms=f_ms, fwd_bwd_ms=fb_ms, peak_mib=peak_mem_mib(fwd_bwd, device),
+                         fwd_tflops=flops / (f_ms / 1000) / 1e12))
+    ref = next((r for r in rows if r["impl"] == "ref" and "fwd_ms" in r), None)
+    for r in rows:
+        if ref and "fwd_ms" in r:
+            r["fwd_speedup_vs_ref"] = ref["fwd_ms"] / r["fwd_ms"]
+            r["fwd_bwd_speedup_vs_ref"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return rows
+
+
+def print_ssd_table(title, rows):
+    print(f"\n## {title}")
+    print("| impl | fwd ms | fwd+bwd ms | peak MiB | fwd TFLOP/s | fwd x ref | fwd+bwd x ref |")
+    print("|---|---|---|---|---|---|---|")
+    f = lambda r, k, s: format(r[k], s) if r.get(k) is not None else "-"  # noqa: E731
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['impl']} | skipped: {r['skipped']} ||||||")
+            continue
+        print(f"| {r['impl']} | {f(r, 'fwd_ms', '.2f')} | {f(r, 'fwd_bwd_ms', '.2f')} | {f(r, 'peak_mib', '.0f')} | "
+              f"{f(r, 'fwd_tflops', '.3f')} | {f(r, 'fwd_speedup_vs_ref', '.1f')} | {f(r, 'fwd_bwd_speedup_vs_ref', '.1f')} |")
+
+
 def print_table(title, rows):
     print(f"\n## {title}")
     print("| impl | fwd ms | fwd+bwd ms | peak MiB | fwd GB/s | % copy BW | fwd x ref | fwd+bwd x ref |")
@@ -161,6 +246,13 @@ def print_table(title, rows):
               f"{f(r, 'fwd_bwd_speedup_vs_ref', '.1f')} |")
 
 
+def parse_ssd_shape(s):
+    parts = tuple(int(p) for p in s.lower().split("x"))
+    if len(parts) != 7:
+        raise argparse.ArgumentTypeError(f"SSD shape must be BATCHxLxHEADSxHEADDIMxNxGROUPSxCHUNK, got {s!r}")
+    return parts
+
+
 def parse_shape(s):
     parts = tuple(int(p) for p in s.lower().split("x"))
     if len(parts) != 4:
@@ -170,7 +262,9 @@ def parse_shape(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", choices=["scan", "all"], default="all")
+    ap.add_argument("--op", choices=["scan", "ssd", "all"], default="all")
+    ap.add_argument("--ssd_shapes", type=parse_ssd_shape, nargs="*", default=None,
+                    help="BATCHxLxHEADSxHEADDIMxNxGROUPSxCHUNK for the SSD")
     ap.add_argument("--shapes", type=parse_shape, nargs="*", default=None, help="BATCHxDIMxLxN for the scan")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--backends", default=None, help="comma-separated (default: triton,torch,ref on CUDA; torch,ref on CPU)")
@@ -194,6 +288,16 @@ def main(argv=None):
             rows = bench_scan(shape, dtype, device, backends, repeat, bw, args.max_ref_elems)
             results["ops"][f"selective_scan {shape}"] = rows
             print_table(f"selective_scan (batch, dim, L, N) = {shape}, delta_softplus, D, z, delta_bias", rows)
+    if args.op in ("ssd", "all"):
+        ssd_shapes = args.ssd_shapes or ([(8, L, 24, 64, 128, 1, 256) for L in (2048, 4096, 8192)] if cuda
+                                         else [(1, 2048, 8, 32, 32, 1, 64)])
+        ssd_backends = [b for b in backends if b != "triton"]  # Triton SSD kernels not written yet
+        for shape in ssd_shapes:
+            for docs in (0, 4):
+                rows = bench_ssd(shape, dtype, device, ssd_backends, repeat, docs, max_ref_len=4096)
+                results["ops"][f"ssd {shape} docs={docs}"] = rows
+                print_ssd_table(f"mamba_chunk_scan_combined (batch, L, heads, headdim, N, groups, chunk) = {shape}, "
+                                f"{'seq_idx with ' + str(docs) + ' documents' if docs else 'no seq_idx'}", rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -40,31 +40,31 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
         if seq is not None:
             seq = torch.cat([seq, seq[:, -1:].expand(batch, pad)], 1)
     nc = (L + pad) // Q
-    xc = xw.view(batch, nc, Q, G, R, P)
-    dtc = dt.view(batch, nc, Q, G, R)
-    Bc, Cc = Bw.view(batch, nc, Q, G, N), Cw.view(batch, nc, Q, G, N)
-    cs = torch.cumsum(dtc * A.to(work).view(G, R), dim=2)  # (b, nc, Q, G, R), within each chunk
+    # layout (batch, chunk, group, head-in-group, step, ...): every product below is a batched matmul
+    xc = xw.view(batch, nc, Q, G, R, P).permute(0, 1, 3, 4, 2, 5)  # (b, nc, G, R, Q, P)
+    dtc = dt.view(batch, nc, Q, G, R).permute(0, 1, 3, 4, 2)  # (b, nc, G, R, Q)
+    Bc = Bw.view(batch, nc, Q, G, N).transpose(2, 3)  # (b, nc, G, Q, N)
+    Cc = Cw.view(batch, nc, Q, G, N).transpose(2, 3)
+    cs = torch.cumsum(dtc * A.to(work).view(G, R, 1), dim=-1)  # within each chunk
     xdt = xc * dtc[..., None]
 
-    t_ge_s = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
-    mask = t_ge_s[None, None]
+    mask = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
     if seq is not None:
         sc = seq.view(batch, nc, Q)
-        mask = mask & (sc[:, :, :, None] == sc[:, :, None, :])
+        mask = mask & (sc[:, :, None, :, None] == sc[:, :, None, None, :])[:, :, None]  # (b, nc, 1, 1, Q, Q)
         seq_end = sc[:, :, -1]  # document each chunk ends in
         seq_in = torch.cat([seq[:, :1], seq_end[:, :-1]], 1)  # document of the state entering each chunk
     # 1. inside each chunk: y_t += sum_{s<=t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s
-    seg = cs[:, :, :, None] - cs[:, :, None, :]  # (b, nc, Qt, Qs, G, R)
-    decay = torch.exp(seg.masked_fill(~mask[..., None, None], -torch.inf))
-    CB = torch.einsum("bctgn,bcsgn->bctsg", Cc, Bc)
-    y = torch.einsum("bctsgr,bcsgrp->bctgrp", CB[..., None] * decay, xdt)
+    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~mask, -torch.inf))  # (b, nc, G, R, Q, Q)
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, nc, G, Q, Q)
+    y = (CB[:, :, :, None] * decay) @ xdt  # (b, nc, G, R, Q, P)
     # 2. each chunk's own contribution to its end state
-    w_end = torch.exp(cs[:, :, -1:] - cs)
+    w_end = torch.exp(cs[..., -1:] - cs)
     if seq is not None:
-        w_end = w_end * (sc == seq_end[..., None])[..., None, None]
-    states = torch.einsum("bcsgn,bcsgr,bcsgrp->bcgrpn", Bc, w_end, xdt)
+        w_end = w_end * (sc == seq_end[..., None])[:, :, None, None, :]
+    states = (xdt * w_end[..., None]).transpose(-1, -2) @ Bc[:, :, :, None]  # (b, nc, G, R, P, N)
     # 3. pass states between chunks
-    chunk_decay = torch.exp(cs[:, :, -1])  # (b, nc, G, R)
+    chunk_decay = torch.exp(cs[..., -1])  # (b, nc, G, R)
     if seq is not None:
         chunk_decay = chunk_decay * (seq_end == seq_in)[..., None, None]
     h = (initial_states.to(work).view(batch, G, R, P, N) if initial_states is not None
@@ -77,8 +77,9 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     # 4. the incoming state, decayed to each step and read through C
     w_in = torch.exp(cs)
     if seq is not None:
-        w_in = w_in * (sc == seq_in[..., None])[..., None, None]
-    y = y + torch.einsum("bctgn,bcgrpn->bctgrp", Cc, h_in) * w_in[..., None]
+        w_in = w_in * (sc == seq_in[..., None])[:, :, None, None, :]
+    y = y + (Cc[:, :, :, None] @ h_in.transpose(-1, -2)) * w_in[..., None]
+    y = y.permute(0, 1, 4, 2, 3, 5)  # (b, nc, Q, G, R, P)
     y = y.reshape(batch, nc * Q, H, P)[:, :L]
     if D is not None:
         Dw = D.to(work)

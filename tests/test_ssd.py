@@ -165,9 +165,10 @@ def test_document_isolation(backend):
     o0, g0 = run(inp)
     o1, g1 = run(changed)
     for sl in (slice(0, 20), slice(45, 60)):
-        torch.testing.assert_close(o0[:, sl], o1[:, sl], rtol=0, atol=1e-6)
+        # exact: another document's values only ever meet exact zeros
+        torch.testing.assert_close(o0[:, sl], o1[:, sl], rtol=0, atol=0)
         for k in ("x", "dt", "B", "C", "z"):
-            torch.testing.assert_close(g0[k][:, sl], g1[k][:, sl], rtol=0, atol=1e-6)
+            torch.testing.assert_close(g0[k][:, sl], g1[k][:, sl], rtol=0, atol=0)
     assert not torch.allclose(o0[:, 20:45], o1[:, 20:45])
 
 

@@ -2,8 +2,8 @@
 against dt*x plus the carried state read through C; chunk states pass sequentially between chunks.
 Autograd gives the gradients.
 
-Decays are exp of differences of a cumsum inside one chunk (at most Q terms), never a long cumsum minus
-another, so precision does not degrade with L. Heads are laid out as (groups, heads per group) so B and
+Decays are exp of differences of a cumsum inside one chunk (at most Q terms) and one document, never a
+long cumsum minus another, so precision does not degrade with L and documents do not leak rounding. Heads are laid out as (groups, heads per group) so B and
 C broadcast over a group's heads without copies. Memory is O(batch * L * heads * Q), so the internal
 chunk is min(chunk_size, 64): the chunking is an implementation detail, the result does not depend on it.
 
@@ -45,13 +45,18 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     dtc = dt.view(batch, nc, Q, G, R).permute(0, 1, 3, 4, 2)  # (b, nc, G, R, Q)
     Bc = Bw.view(batch, nc, Q, G, N).transpose(2, 3)  # (b, nc, G, Q, N)
     Cc = Cw.view(batch, nc, Q, G, N).transpose(2, 3)
-    cs = torch.cumsum(dtc * A.to(work).view(G, R, 1), dim=-1)  # within each chunk
+    dA = dtc * A.to(work).view(G, R, 1)
     xdt = xc * dtc[..., None]
 
     mask = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
-    if seq is not None:
+    if seq is None:
+        cs = torch.cumsum(dA, dim=-1)  # within each chunk
+    else:
         sc = seq.view(batch, nc, Q)
         mask = mask & (sc[:, :, None, :, None] == sc[:, :, None, None, :])[:, :, None]  # (b, nc, 1, 1, Q, Q)
+        # cumsum restarted at every document start (a masked matmul), so a decay never subtracts two sums
+        # that contain another document's dt: isolation holds exactly, not only up to rounding
+        cs = (mask.to(work) @ dA[..., None]).squeeze(-1)
         seq_end = sc[:, :, -1]  # document each chunk ends in
         seq_in = torch.cat([seq[:, :1], seq_end[:, :-1]], 1)  # document of the state entering each chunk
     # 1. inside each chunk: y_t += sum_{s<=t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s

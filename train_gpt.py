@@ -65,6 +65,15 @@ class Hyperparameters:
     attn_scale: float = 0.12
     loss_chunk: int = 0                 # >0: head + softcap + loss over this many tokens at a time (CPU:
                                         # keeps each logits buffer under malloc's mmap threshold)
+    # mixture of tokenizers: each token also enters as its UTF-8 bytes (section 3b)
+    mot: str = "none"                   # none | cross | cross+attn | cross+mamba | cross+mamba2
+    chars_per_token: int = 16           # bytes per token slot (left-aligned, PAD after, truncated beyond)
+    char_dim: int = 128
+    char_window_tokens: int = 4         # cross+attn: a char sees the chars of this many tokens (its own incl.)
+    char_heads: int = 2
+    cross_heads: int = 4
+    cross_prev_tokens: int = 0          # cross-attention also reads this many previous tokens' chars
+    mot_lr: float = 0.008               # Adam lr for MoT matrices (char embedding uses embed_lr)
     # optimizers
     head_lr: float = 0.22 / 768 ** 0.5
     embed_lr: float = 0.6
@@ -99,6 +108,7 @@ PRESETS = {
     ),
 }
 EMBEDDED_TRAIN = "data/devil_jargon/devil_jargon_train_*.bin"
+MOT_VARIANTS = ("none", "cross", "cross+attn", "cross+mamba", "cross+mamba2")
 
 
 def parse_value(text: str, typ):
@@ -158,6 +168,12 @@ def validate_args(a: Hyperparameters):
         need(getattr(a, k) in ("auto", "on", "off"), f"{k} must be auto, on or off, got {getattr(a, k)!r}")
     need(a.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got {a.dtype!r}")
     need(a.num_iterations >= 1, f"num_iterations must be >= 1, got {a.num_iterations}")
+    need(a.mot in MOT_VARIANTS, f"mot must be one of {', '.join(MOT_VARIANTS)}, got {a.mot!r}")
+    if a.mot != "none":
+        need(1 <= a.chars_per_token <= 128, f"chars_per_token must be in [1, 128], got {a.chars_per_token}")
+        need(a.char_dim % a.char_heads == 0 and a.char_dim % a.cross_heads == 0,
+             f"char_dim ({a.char_dim}) must be divisible by char_heads ({a.char_heads}) and cross_heads ({a.cross_heads})")
+        need(a.char_window_tokens >= 1 and a.cross_prev_tokens >= 0, "char_window_tokens >= 1, cross_prev_tokens >= 0")
 
 
 def no_attn_set(a: Hyperparameters) -> set[int]:
@@ -462,6 +478,148 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
+# -----------------------------------------------------------------------------
+# 3b. Mixture of tokenizers (MoT): every token also enters as its bytes
+#
+# Byte table: row t holds token t's raw UTF-8 bytes (tiktoken's decode_single_token_bytes, not decoded
+# strings: partial UTF-8 tokens would all become U+FFFD), left-aligned, then PAD; tokens longer than
+# chars_per_token keep their first bytes. Char ids: 0-255 bytes, 256 PAD, 257 EOS. <|endoftext|> is
+# [EOS, PAD, ...]; the head-padding ids (50257..50303) never occur in data and are all PAD. The table is an
+# integer buffer: .bfloat16() and friends leave it alone, so ids never round.
+
+CHAR_PAD, CHAR_EOS, CHAR_VOCAB = 256, 257, 258
+
+
+def build_byte_table(num_ids: int, chars_per_token: int, vocab_size: int = 50257) -> Tensor:
+    from data.shards import gpt2_encoding
+    enc = gpt2_encoding()
+    table = torch.full((num_ids, chars_per_token), CHAR_PAD, dtype=torch.int16)
+    for t in range(min(vocab_size, num_ids)):
+        if t == EOT_ID:
+            table[t, 0] = CHAR_EOS
+            continue
+        raw = enc.decode_single_token_bytes(t)[:chars_per_token]
+        table[t, :len(raw)] = torch.tensor(list(raw), dtype=torch.int16)
+    return table
+
+
+def token_key_mask(token_docs: Tensor, char_ids: Tensor, window: int) -> Tensor:
+    """(T, window*C): which chars of tokens t-window+1 .. t a query of token t may read: same document,
+    not PAD. Key block j holds token t-window+1+j (see windowed_keys). O(T * window * C), never (T*C)^2."""
+    T, C = char_ids.shape
+    src = torch.arange(T, device=char_ids.device)[:, None] + torch.arange(1 - window, 1, device=char_ids.device)
+    srcc = src.clamp_min(0)
+    same_doc = (src >= 0) & (token_docs[srcc] == token_docs[:, None])  # (T, window)
+    return (same_doc[:, :, None] & (char_ids[srcc] != CHAR_PAD)).reshape(T, window * C)
+
+
+def char_window_mask(token_docs: Tensor, char_ids: Tensor, window: int) -> Tensor:
+    """(T, C, window*C) mask of the windowed char self-attention: every char of token t sees the non-PAD
+    chars of tokens t-window+1 .. t of its document (its own token's chars in full: they are all input at
+    t). Each char also sees itself, so no row is empty."""
+    T, C = char_ids.shape
+    keys = token_key_mask(token_docs, char_ids, window)[:, None, :].expand(T, C, window * C).clone()
+    own = torch.arange(C, device=char_ids.device)
+    keys[:, own, (window - 1) * C + own] = True
+    return keys
+
+
+def windowed_keys(x: Tensor, window: int) -> Tensor:
+    """(T, C, D) -> (T, window*C, D): for each token the chars of the `window` tokens ending at it
+    (zeros before the sequence start; the mask hides them)."""
+    T, C, D = x.shape
+    padded = torch.cat([x.new_zeros(window - 1, C, D), x], 0)
+    return padded.unfold(0, window, 1).permute(0, 3, 1, 2).reshape(T, window * C, D)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(T, S, heads*dh) -> (T, heads, S, dh): explicit, so a token's heads never mix with other tokens."""
+    T, S, D = x.shape
+    return x.view(T, S, heads, D // heads).transpose(1, 2)
+
+
+class CharSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = CastedLinear(dim, 3 * dim)
+        self.proj = CastedLinear(dim, dim)
+        self.proj.weight.detach().zero_()
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x: (T, C, D), mask: (T, C, window*C)
+        q, k, v = self.qkv(norm(x)).chunk(3, dim=-1)
+        q, k = norm(q.unflatten(-1, (self.heads, -1))).flatten(-2), norm(k.unflatten(-1, (self.heads, -1))).flatten(-2)
+        kw, vw = windowed_keys(k, self.window), windowed_keys(v, self.window)
+        y = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(kw, self.heads),
+                                           split_heads(vw, self.heads), attn_mask=mask[:, None])
+        return x + self.proj(y.transpose(1, 2).flatten(-2))
+
+
+class CharMamba(nn.Module):
+    """Mamba or Mamba2 over the packed char sequence; seq_idx restarts the state at every document."""
+
+    def __init__(self, dim: int, kind: str):
+        super().__init__()
+        import kernels
+        self.mixer = (kernels.Mamba(dim, d_state=16, expand=2) if kind == "mamba" else
+                      kernels.Mamba2(dim, d_state=32, expand=2, headdim=max(8, dim // 8), chunk_size=64))
+
+    def forward(self, x: Tensor, char_docs: Tensor) -> Tensor:  # x: (T, C, D)
+        T, C, D = x.shape
+        seq = x.reshape(1, T * C, D)
+        out = self.mixer(norm(seq).to(self.mixer.in_proj.weight.dtype), seq_idx=char_docs.to(torch.int32)[None])
+        return x + out.reshape(T, C, D).to(x.dtype)
+
+
+class MixtureOfTokenizers(nn.Module):
+    """x0 = norm(l0 * token_embedding + l1 * cross), where cross is each token's query attending to its own
+    chars (and cross_prev_tokens previous tokens' chars of the same document), PAD chars masked."""
+
+    def __init__(self, a: Hyperparameters, num_ids: int):
+        super().__init__()
+        self.a = a
+        self.register_buffer("byte_table", build_byte_table(num_ids, a.chars_per_token, a.vocab_size), persistent=False)
+        self.char_embed = nn.Embedding(CHAR_VOCAB, a.char_dim)
+        encoder = a.mot.partition("+")[2]
+        self.encoder_kind = encoder or None
+        if encoder == "attn":
+            self.encoder = CharSelfAttention(a.char_dim, a.char_heads, a.char_window_tokens)
+        elif encoder in ("mamba", "mamba2"):
+            self.encoder = CharMamba(a.char_dim, encoder)
+        self.q = CastedLinear(a.model_dim, a.char_dim)
+        self.kv = CastedLinear(a.char_dim, 2 * a.char_dim)
+        self.out = CastedLinear(a.char_dim, a.model_dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 1.0]))
+
+    def chars(self, input_seq: Tensor, docs: Tensor) -> Tensor:
+        """Char features (T, C, char_dim) after the optional char encoder."""
+        ids = self.byte_table[input_seq].long()  # (T, C), integers end to end
+        x = self.char_embed(ids)
+        if self.encoder_kind == "attn":
+            x = self.encoder(x, char_window_mask(docs, ids, self.a.char_window_tokens))
+        elif self.encoder_kind is not None:
+            x = self.encoder(x, docs.repeat_interleave(ids.size(1)))
+        return x
+
+    def cross(self, tok: Tensor, chars: Tensor, input_seq: Tensor, docs: Tensor) -> Tensor:
+        T, C, _ = chars.shape
+        w = self.a.cross_prev_tokens + 1
+        ids = self.byte_table[input_seq]
+        q = self.q(norm(tok))[:, None]  # (T, 1, char_dim)
+        k, v = self.kv(norm(chars)).chunk(2, dim=-1)
+        mask = token_key_mask(docs, ids, w)[:, None, :].clone()  # (T, 1, w*C): one query per token
+        mask[:, 0, (w - 1) * C] = True  # own first byte: never PAD for a real token; keeps rows non-empty
+        H = self.a.cross_heads
+        y = F.scaled_dot_product_attention(split_heads(q, H), split_heads(windowed_keys(k, w), H),
+                                           split_heads(windowed_keys(v, w), H), attn_mask=mask[:, None])
+        return self.out(y.transpose(1, 2).flatten(-2))[:, 0]  # (T, model_dim)
+
+    def forward(self, input_seq: Tensor, tok: Tensor) -> Tensor:
+        docs = document_ids(input_seq)
+        chars = self.chars(input_seq, docs).to(tok.dtype)
+        return self.lambdas[0] * tok + self.lambdas[1] * self.cross(tok, chars, input_seq, docs)
+
+
 class GPT(nn.Module):
     def __init__(self, a: Hyperparameters, max_seq_len: int, use_fp8: bool = False):
         super().__init__()
@@ -476,10 +634,14 @@ class GPT(nn.Module):
                                     grad_s=1 / 448)
         self.lm_head.weight.detach().zero_()
         self.skip_weights = nn.Parameter(torch.ones(a.num_layers // 2))  # U-net: layer L-1-i reads layer i
+        self.mot = MixtureOfTokenizers(a, self.head_vocab) if a.mot != "none" else None
 
     def input_embedding(self, input_seq: Tensor) -> Tensor:
-        """x0 before the blocks; the MoT embedding plugs in here."""
-        return norm(self.embed(input_seq)[None])
+        """x0 before the blocks: the token embedding, mixed with its bytes when MoT is on."""
+        tok = self.embed(input_seq)
+        if self.mot is not None:
+            tok = self.mot(input_seq, tok)
+        return norm(tok[None])
 
     def masks(self, input_seq: Tensor, window_blocks: Tensor, dense: bool):
         make = make_dense_masks if dense else make_block_masks
@@ -523,11 +685,16 @@ def build_optimizers(model: GPT, a: Hyperparameters, rank: int, world_size: int,
     """Adam for the head, the embeddings and the scalars; Muon for every matrix inside the blocks.
     Asserts that every trainable parameter is in exactly one group."""
     hidden_matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
-    embeds = [p for n, p in model.named_parameters() if "embed" in n and p.ndim >= 2 and not n.startswith("blocks.")]
+    embeds = [p for n, p in model.named_parameters() if "embed" in n and p.ndim >= 2 and not n.startswith("blocks.")
+              and not n.startswith("mot.encoder.")]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     head = [model.lm_head.weight]
+    mot_matrices = [p for n, p in model.named_parameters()
+                    if n.startswith("mot.") and p.ndim >= 2 and n != "mot.char_embed.weight"]
     adam_groups = [dict(params=head, lr=a.head_lr), dict(params=embeds, lr=a.embed_lr),
                    dict(params=scalars, lr=a.scalar_lr)]
+    if mot_matrices:
+        adam_groups.append(dict(params=mot_matrices, lr=a.mot_lr))
     adam = torch.optim.Adam(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused)
     muon = Muon(hidden_matrices, lr=a.muon_lr, momentum=a.muon_momentum_end, rank=rank, world_size=world_size)
     optimizers = [adam, muon]

@@ -219,31 +219,24 @@ def bench_ssd(shape, dtype, device, backends, repeat, docs, max_ref_len):
     return rows
 
 
-def print_ssd_table(title, rows):
-    print(f"\n## {title}")
-    print("| impl | fwd ms | fwd+bwd ms | peak MiB | fwd TFLOP/s | fwd x ref | fwd+bwd x ref |")
-    print("|---|---|---|---|---|---|---|")
-    f = lambda r, k, s: format(r[k], s) if r.get(k) is not None else "-"  # noqa: E731
-    for r in rows:
-        if "skipped" in r:
-            print(f"| {r['impl']} | skipped: {r['skipped']} ||||||")
-            continue
-        print(f"| {r['impl']} | {f(r, 'fwd_ms', '.2f')} | {f(r, 'fwd_bwd_ms', '.2f')} | {f(r, 'peak_mib', '.0f')} | "
-              f"{f(r, 'fwd_tflops', '.3f')} | {f(r, 'fwd_speedup_vs_ref', '.1f')} | {f(r, 'fwd_bwd_speedup_vs_ref', '.1f')} |")
+SCAN_COLUMNS = [("fwd ms", "fwd_ms", ".2f"), ("fwd+bwd ms", "fwd_bwd_ms", ".2f"), ("peak MiB", "peak_mib", ".0f"),
+                ("fwd GB/s", "fwd_gbs", ".1f"), ("% copy BW", "fwd_pct_copy_bw", ".1f"),
+                ("fwd x ref", "fwd_speedup_vs_ref", ".1f"), ("fwd+bwd x ref", "fwd_bwd_speedup_vs_ref", ".1f")]
+SSD_COLUMNS = [("fwd ms", "fwd_ms", ".2f"), ("fwd+bwd ms", "fwd_bwd_ms", ".2f"), ("peak MiB", "peak_mib", ".0f"),
+               ("fwd TFLOP/s", "fwd_tflops", ".3f"), ("fwd x ref", "fwd_speedup_vs_ref", ".1f"),
+               ("fwd+bwd x ref", "fwd_bwd_speedup_vs_ref", ".1f")]
 
 
-def print_table(title, rows):
+def print_table(title, rows, columns):
     print(f"\n## {title}")
-    print("| impl | fwd ms | fwd+bwd ms | peak MiB | fwd GB/s | % copy BW | fwd x ref | fwd+bwd x ref |")
-    print("|---|---|---|---|---|---|---|---|")
-    f = lambda r, k, s: format(r[k], s) if r.get(k) is not None else "-"  # noqa: E731
+    print("| impl | " + " | ".join(c[0] for c in columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['impl']} | skipped: {r['skipped']} |||||||")
+            print(f"| {r['impl']} | skipped: {r['skipped']} |" + "|" * (len(columns) - 1))
             continue
-        print(f"| {r['impl']} | {f(r, 'fwd_ms', '.2f')} | {f(r, 'fwd_bwd_ms', '.2f')} | {f(r, 'peak_mib', '.0f')} | "
-              f"{f(r, 'fwd_gbs', '.1f')} | {f(r, 'fwd_pct_copy_bw', '.1f')} | {f(r, 'fwd_speedup_vs_ref', '.1f')} | "
-              f"{f(r, 'fwd_bwd_speedup_vs_ref', '.1f')} |")
+        cells = [format(r[k], spec) if r.get(k) is not None else "-" for _, k, spec in columns]
+        print(f"| {r['impl']} | " + " | ".join(cells) + " |")
 
 
 def parse_ssd_shape(s):
@@ -287,7 +280,8 @@ def main(argv=None):
         for shape in shapes:
             rows = bench_scan(shape, dtype, device, backends, repeat, bw, args.max_ref_elems)
             results["ops"][f"selective_scan {shape}"] = rows
-            print_table(f"selective_scan (batch, dim, L, N) = {shape}, delta_softplus, D, z, delta_bias", rows)
+            print_table(f"selective_scan (batch, dim, L, N) = {shape}, delta_softplus, D, z, delta_bias", rows,
+                        SCAN_COLUMNS)
     if args.op in ("ssd", "all"):
         ssd_shapes = args.ssd_shapes or ([(8, L, 24, 64, 128, 1, 256) for L in (2048, 4096, 8192)] if cuda
                                          else [(1, 2048, 8, 32, 32, 1, 64)])
@@ -296,8 +290,8 @@ def main(argv=None):
             for docs in (0, 4):
                 rows = bench_ssd(shape, dtype, device, ssd_backends, repeat, docs, max_ref_len=4096)
                 results["ops"][f"ssd {shape} docs={docs}"] = rows
-                print_ssd_table(f"mamba_chunk_scan_combined (batch, L, heads, headdim, N, groups, chunk) = {shape}, "
-                                f"{'seq_idx with ' + str(docs) + ' documents' if docs else 'no seq_idx'}", rows)
+                print_table(f"mamba_chunk_scan_combined (batch, L, heads, headdim, N, groups, chunk) = {shape}, "
+                            f"{'seq_idx with ' + str(docs) + ' documents' if docs else 'no seq_idx'}", rows, SSD_COLUMNS)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from helpers import rel
 from kernels import selective_scan_fn
 
 HAS_TRITON = kernels._utils.triton_available()
@@ -85,10 +86,6 @@ def make_inputs(batch, dim, L, N, bc="var4", groups=1, D=True, z=True, bias=True
         for s in docs:
             seq[:, s:] += 1
     return inp, seq
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def check_case(backend, inp, seq, softplus, last_state, dtype, tol):

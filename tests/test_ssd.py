@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from helpers import rel
 from kernels import InferenceParams, Mamba2, mamba_chunk_scan_combined, ssd_minimal_discrete
 
 BACKENDS = ["torch", "ref"]
@@ -69,10 +70,6 @@ def make(batch, L, H, P, G, N, D="hp", z=True, bias=True, h0=True, docs=None, dt
         for s in docs:
             seq[:, s:] += 1
     return inp, seq
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def check(backend, inp, seq, chunk, softplus, dt_limit, tol=1e-5):
@@ -147,6 +144,27 @@ def test_gradcheck_float64():
     f = lambda *a: mamba_chunk_scan_combined(**dict(zip(keys, a)), chunk_size=4, seq_idx=seq, dt_softplus=True,  # noqa: E731
                                              backend="torch")
     assert torch.autograd.gradcheck(f, [inp[k].double().requires_grad_() for k in keys], eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strong_decay_with_documents_stays_finite(backend):
+    """Regression (found training MoT with Mamba2 on chars): with seq_idx, exp of a cumsum difference across
+    documents overflowed to inf before its 0 mask, giving NaN. Large dt * |A| makes the exponents big."""
+    # one chunk holding a 40-step document and then a 24-step one: the earlier document's cumsum ends far
+    # below the later one's, so (cumsum at chunk end) - (cumsum in the earlier document) is >> 88 (fp32 exp)
+    # (a second chunk reads that chunk's state, so a NaN there reaches outputs and gradients)
+    inp, seq = make(1, 96, 4, 2, 2, 3, docs=[40], seed=8)
+    inp["dt"] = inp["dt"].abs() * 0.2 + 0.1
+    inp["dt"][:, :40] = inp["dt"][:, :40] * 30 + 2  # the long earlier document decays fast
+    inp["A"] = inp["A"] * 10
+    xs = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
+    out, final = mamba_chunk_scan_combined(**xs, chunk_size=64, seq_idx=seq, return_final_states=True, backend=backend)
+    (out.square().sum() + final.sum()).backward()
+    assert torch.isfinite(out).all() and torch.isfinite(final).all()
+    assert all(torch.isfinite(x.grad).all() for x in xs.values())
+    ref, _ = oracle(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
+                    inp["initial_states"], seq)
+    assert rel(out.detach(), ref) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

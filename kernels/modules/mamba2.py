@@ -12,7 +12,7 @@ from ..causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..ssd import mamba_chunk_scan_combined
 from ..ssd.reference import process_dt
 from ..state_update import selective_state_update
-from .mamba_simple import init_dt_bias
+from .mamba_simple import CachedStates, init_dt_bias
 
 
 class RMSNormGated(nn.Module):
@@ -39,7 +39,7 @@ class RMSNormGated(nn.Module):
         return x.to(dtype)
 
 
-class Mamba2(nn.Module):
+class Mamba2(CachedStates, nn.Module):
     def __init__(self, d_model, d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, d_ssm=None, ngroups=1,
                  A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False, dt_min=0.001,
                  dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=True,
@@ -143,11 +143,3 @@ class Mamba2(nn.Module):
         ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
                                 dtype=dtype or self.in_proj.weight.dtype)
         return conv_state, ssm_state
-
-    def _get_states_from_cache(self, inference_params, batch_size):
-        if self.layer_idx is None:
-            raise ValueError("decoding with inference_params needs Mamba2(layer_idx=...)")
-        cache = inference_params.key_value_memory_dict
-        if self.layer_idx not in cache:
-            cache[self.layer_idx] = self.allocate_inference_cache(batch_size)
-        return cache[self.layer_idx]

@@ -26,6 +26,18 @@ class InferenceParams:
     key_value_memory_dict: dict = field(default_factory=dict)
 
 
+class CachedStates:
+    """The per-layer (conv_state, ssm_state) lookup shared by Mamba and Mamba2."""
+
+    def _get_states_from_cache(self, inference_params, batch_size):
+        if self.layer_idx is None:
+            raise ValueError(f"decoding with inference_params needs {type(self).__name__}(layer_idx=...)")
+        cache = inference_params.key_value_memory_dict
+        if self.layer_idx not in cache:
+            cache[self.layer_idx] = self.allocate_inference_cache(batch_size)
+        return cache[self.layer_idx]
+
+
 def init_dt_bias(d_inner, dt_min, dt_max, dt_init_floor, device=None):
     """Inverse softplus of dt drawn log-uniformly in [dt_min, dt_max] (floored), so softplus(bias) = dt."""
     dt = torch.exp(torch.rand(d_inner, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -33,7 +45,7 @@ def init_dt_bias(d_inner, dt_min, dt_max, dt_init_floor, device=None):
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class Mamba(nn.Module):
+class Mamba(CachedStates, nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
                  use_fast_path=True, layer_idx=None, device=None, dtype=None, backend=None):
@@ -118,10 +130,3 @@ class Mamba(nn.Module):
                                 dtype=dtype or self.dt_proj.weight.dtype)
         return conv_state, ssm_state
 
-    def _get_states_from_cache(self, inference_params, batch_size):
-        if self.layer_idx is None:
-            raise ValueError("decoding with inference_params needs Mamba(layer_idx=...)")
-        cache = inference_params.key_value_memory_dict
-        if self.layer_idx not in cache:
-            cache[self.layer_idx] = self.allocate_inference_cache(batch_size)
-        return cache[self.layer_idx]

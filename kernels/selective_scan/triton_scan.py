@@ -27,6 +27,51 @@ def _softplus(x):
 
 
 @triton.jit
+def _load_params(A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr, d, n, dm, nm, s_ad, s_an, s_bn, s_bl, s_cn, s_cl,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, VAR_B: tl.constexpr, VAR_C: tl.constexpr,
+                 HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel parameters (absent ones as zeros): A, D, delta_bias, and fixed B/C."""
+    m2 = dm[:, None] & nm[None, :]
+    A = tl.load(A_ptr + d[:, None] * s_ad + n[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    Bf = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    Cf = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if not VAR_B:
+        Bf = tl.load(B_ptr + d[:, None] * s_bn + n[None, :] * s_bl, mask=m2, other=0.0).to(tl.float32)
+    if not VAR_C:
+        Cf = tl.load(C_ptr + d[:, None] * s_cn + n[None, :] * s_cl, mask=m2, other=0.0).to(tl.float32)
+    return A, Dv, bias, Bf, Cf
+
+
+@triton.jit
+def _step_inputs(u_base, dl_base, B_base, seq_ptr, t, pid_b, s_ul, s_dl, s_bl, s_sb, s_sl, dm, nm, A, bias, Bf,
+                 VAR_B: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Step t: u, delta (+ bias, before softplus), dt, the decay exp(dt A) (0 where a document starts), B_t."""
+    u = tl.load(u_base + t * s_ul, mask=dm, other=0.0).to(tl.float32)
+    dt_raw = tl.load(dl_base + t * s_dl, mask=dm, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_raw = dt_raw + bias
+    dt = dt_raw
+    if SOFTPLUS:
+        dt = _softplus(dt_raw)
+    dA = tl.exp(dt[:, None] * A)
+    if HAS_SEQ:
+        cur = tl.load(seq_ptr + pid_b * s_sb + t * s_sl)
+        prv = tl.load(seq_ptr + pid_b * s_sb + tl.maximum(t - 1, 0) * s_sl)
+        dA = tl.where((t > 0) & (cur != prv), 0.0, dA)
+    if VAR_B:
+        Bt = tl.load(B_base + t * s_bl, mask=nm, other=0.0).to(tl.float32)[None, :]
+    else:
+        Bt = Bf
+    return u, dt_raw, dt, dA, Bt
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, out_ptr, states_ptr, last_ptr,
     DIM, L, DSTATE, DG, NCHUNKS,
@@ -46,15 +91,8 @@ def _selective_scan_fwd_kernel(
     nm = n < DSTATE
     m2 = dm[:, None] & nm[None, :]
     group = (pid_d * BLOCK_D) // DG
-    A = tl.load(A_ptr + d[:, None] * s_ad + n[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    if not VAR_B:
-        Bf = tl.load(B_ptr + d[:, None] * s_bn + n[None, :] * s_bl, mask=m2, other=0.0).to(tl.float32)
-    if not VAR_C:
-        Cf = tl.load(C_ptr + d[:, None] * s_cn + n[None, :] * s_cl, mask=m2, other=0.0).to(tl.float32)
+    A, Dv, bias, Bf, Cf = _load_params(A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr, d, n, dm, nm, s_ad, s_an, s_bn, s_bl,
+                                       s_cn, s_cl, BLOCK_D, BLOCK_N, VAR_B, VAR_C, HAS_D, HAS_BIAS)
     u_base = u_ptr + pid_b * s_ub + d * s_ud
     dl_base = delta_ptr + pid_b * s_db + d * s_dd
     B_base = B_ptr + pid_b * s_bb + group * s_bg + n * s_bn
@@ -65,21 +103,8 @@ def _selective_scan_fwd_kernel(
         t0 = c * CHUNK
         t1 = tl.minimum(t0 + CHUNK, L)
         for t in range(t0, t1):
-            u = tl.load(u_base + t * s_ul, mask=dm, other=0.0).to(tl.float32)
-            dt = tl.load(dl_base + t * s_dl, mask=dm, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dA = tl.exp(dt[:, None] * A)
-            if HAS_SEQ:
-                cur = tl.load(seq_ptr + pid_b * s_sb + t * s_sl)
-                prv = tl.load(seq_ptr + pid_b * s_sb + tl.maximum(t - 1, 0) * s_sl)
-                dA = tl.where((t > 0) & (cur != prv), 0.0, dA)
-            if VAR_B:
-                Bt = tl.load(B_base + t * s_bl, mask=nm, other=0.0).to(tl.float32)[None, :]
-            else:
-                Bt = Bf
+            u, dt_raw, dt, dA, Bt = _step_inputs(u_base, dl_base, B_base, seq_ptr, t, pid_b, s_ul, s_dl, s_bl, s_sb, s_sl,
+                                                 dm, nm, A, bias, Bf, VAR_B, HAS_BIAS, HAS_SEQ, SOFTPLUS)
             if VAR_C:
                 Ct = tl.load(C_base + t * s_cl, mask=nm, other=0.0).to(tl.float32)[None, :]
             else:
@@ -116,15 +141,8 @@ def _selective_scan_bwd_kernel(
     nm = n < DSTATE
     m2 = dm[:, None] & nm[None, :]
     group = (pid_d * BLOCK_D) // DG
-    A = tl.load(A_ptr + d[:, None] * s_ad + n[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    if not VAR_B:
-        Bf = tl.load(B_ptr + d[:, None] * s_bn + n[None, :] * s_bl, mask=m2, other=0.0).to(tl.float32)
-    if not VAR_C:
-        Cf = tl.load(C_ptr + d[:, None] * s_cn + n[None, :] * s_cl, mask=m2, other=0.0).to(tl.float32)
+    A, Dv, bias, Bf, Cf = _load_params(A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr, d, n, dm, nm, s_ad, s_an, s_bn, s_bl,
+                                       s_cn, s_cl, BLOCK_D, BLOCK_N, VAR_B, VAR_C, HAS_D, HAS_BIAS)
     u_base = u_ptr + pid_b * s_ub + d * s_ud
     dl_base = delta_ptr + pid_b * s_db + d * s_dd
     B_base = B_ptr + pid_b * s_bb + group * s_bg + n * s_bn
@@ -149,43 +167,15 @@ def _selective_scan_bwd_kernel(
         # 1. recompute this chunk's states into scratch
         h = h_start
         for t in range(t0, t1):
-            u = tl.load(u_base + t * s_ul, mask=dm, other=0.0).to(tl.float32)
-            dt = tl.load(dl_base + t * s_dl, mask=dm, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dA = tl.exp(dt[:, None] * A)
-            if HAS_SEQ:
-                cur = tl.load(seq_ptr + pid_b * s_sb + t * s_sl)
-                prv = tl.load(seq_ptr + pid_b * s_sb + tl.maximum(t - 1, 0) * s_sl)
-                dA = tl.where((t > 0) & (cur != prv), 0.0, dA)
-            if VAR_B:
-                Bt = tl.load(B_base + t * s_bl, mask=nm, other=0.0).to(tl.float32)[None, :]
-            else:
-                Bt = Bf
+            u, dt_raw, dt, dA, Bt = _step_inputs(u_base, dl_base, B_base, seq_ptr, t, pid_b, s_ul, s_dl, s_bl, s_sb, s_sl,
+                                                 dm, nm, A, bias, Bf, VAR_B, HAS_BIAS, HAS_SEQ, SOFTPLUS)
             h = dA * h + (dt * u)[:, None] * Bt
             tl.store(scratch + (t - t0) * BLOCK_D * BLOCK_N, h)
         # 2. adjoint, backwards through the chunk
         for tt in range(0, t1 - t0):
             t = t1 - 1 - tt
-            u = tl.load(u_base + t * s_ul, mask=dm, other=0.0).to(tl.float32)
-            dt_raw = tl.load(dl_base + t * s_dl, mask=dm, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt_raw = dt_raw + bias
-            if SOFTPLUS:
-                dt = _softplus(dt_raw)
-            else:
-                dt = dt_raw
-            dA = tl.exp(dt[:, None] * A)
-            if HAS_SEQ:
-                cur = tl.load(seq_ptr + pid_b * s_sb + t * s_sl)
-                prv = tl.load(seq_ptr + pid_b * s_sb + tl.maximum(t - 1, 0) * s_sl)
-                dA = tl.where((t > 0) & (cur != prv), 0.0, dA)
-            if VAR_B:
-                Bt = tl.load(B_base + t * s_bl, mask=nm, other=0.0).to(tl.float32)[None, :]
-            else:
-                Bt = Bf
+            u, dt_raw, dt, dA, Bt = _step_inputs(u_base, dl_base, B_base, seq_ptr, t, pid_b, s_ul, s_dl, s_bl, s_sb, s_sl,
+                                                 dm, nm, A, bias, Bf, VAR_B, HAS_BIAS, HAS_SEQ, SOFTPLUS)
             if VAR_C:
                 Ct = tl.load(C_base + t * s_cl, mask=nm, other=0.0).to(tl.float32)[None, :]
             else:

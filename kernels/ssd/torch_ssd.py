@@ -64,9 +64,12 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     CB = Cc @ Bc.transpose(-1, -2)  # (b, nc, G, Q, Q)
     y = (CB[:, :, :, None] * decay) @ xdt  # (b, nc, G, R, Q, P)
     # 2. each chunk's own contribution to its end state
-    w_end = torch.exp(cs[..., -1:] - cs)
+    # other documents are masked inside the exponent: their per-document cumsums can make the difference
+    # large and positive, and exp would overflow to inf (inf * 0 = NaN)
+    end_gap = cs[..., -1:] - cs
     if seq is not None:
-        w_end = w_end * (sc == seq_end[..., None])[:, :, None, None, :]
+        end_gap = end_gap.masked_fill((sc != seq_end[..., None])[:, :, None, None, :], -torch.inf)
+    w_end = torch.exp(end_gap)
     states = (xdt * w_end[..., None]).transpose(-1, -2) @ Bc[:, :, :, None]  # (b, nc, G, R, P, N)
     # 3. pass states between chunks
     chunk_decay = torch.exp(cs[..., -1])  # (b, nc, G, R)
@@ -80,9 +83,7 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
         h = chunk_decay[:, c, ..., None, None] * h + states[:, c]
     h_in = torch.stack(incoming, 1)  # (b, nc, G, R, P, N)
     # 4. the incoming state, decayed to each step and read through C
-    w_in = torch.exp(cs)
-    if seq is not None:
-        w_in = w_in * (sc == seq_in[..., None])[:, :, None, None, :]
+    w_in = torch.exp(cs if seq is None else cs.masked_fill((sc != seq_in[..., None])[:, :, None, None, :], -torch.inf))
     y = y + (Cc[:, :, :, None] @ h_in.transpose(-1, -2)) * w_in[..., None]
     y = y.permute(0, 1, 4, 2, 3, 5)  # (b, nc, Q, G, R, P)
     y = y.reshape(batch, nc * Q, H, P)[:, :L]

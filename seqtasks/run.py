@@ -49,11 +49,12 @@ SELCOPY = dict(num_items=10, area=40)
 PRESETS = {
     # seed 000: 10 letters in a 40-wide space; conv receptive field ~ layers * (ks // 2) each way
     "selcopy-conv6": Config("selcopy-conv6", "selcopy", SELCOPY, "conv", dict(ch=64, layers=6, ks=9), steps=3000,
-                            full_steps=1_000_000, lr=2e-3),
+                            full_steps=1_000_000, lr=2e-3, batch_size=32),
     "selcopy-conv12": Config("selcopy-conv12", "selcopy", SELCOPY, "conv", dict(ch=64, layers=12, ks=9), steps=3000,
                              full_steps=1_000_000, lr=2e-3),
+    # lr 1e-2 / batch 32 measured on a 2-core CPU: 800 steps reached 45% mask error vs 64% at lr 3e-3
     "selcopy-mamba": Config("selcopy-mamba", "selcopy", SELCOPY, "mamba", dict(ch=64, layers=2, d_state=16),
-                            steps=3000, full_steps=1_000_000, lr=3e-3),
+                            steps=3000, full_steps=1_000_000, lr=1e-2, batch_size=32),
     "selcopy-mamba2": Config("selcopy-mamba2", "selcopy", SELCOPY, "mamba2", dict(ch=64, layers=2, d_state=16, headdim=16),
                              steps=3000, full_steps=1_000_000, lr=3e-3),
     "selcopy-lstm": Config("selcopy-lstm", "selcopy", SELCOPY, "lstm", dict(ch=128, layers=2), steps=3000,

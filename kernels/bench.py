@@ -285,7 +285,7 @@ def main(argv=None):
     if args.op in ("ssd", "all"):
         ssd_shapes = args.ssd_shapes or ([(8, L, 24, 64, 128, 1, 256) for L in (2048, 4096, 8192)] if cuda
                                          else [(1, 2048, 8, 32, 32, 1, 64)])
-        ssd_backends = [b for b in backends if b != "triton"]  # Triton SSD kernels not written yet
+        ssd_backends = backends
         for shape in ssd_shapes:
             for docs in (0, 4):
                 rows = bench_ssd(shape, dtype, device, ssd_backends, repeat, docs, max_ref_len=4096)

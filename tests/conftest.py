@@ -12,3 +12,5 @@ import torch  # noqa: E402
 # triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# fp32 dots in IEEE precision (not TF32) so kernels can be checked tightly against float64
+os.environ.setdefault("KERNELS_DOT_PRECISION", "ieee")

@@ -12,7 +12,8 @@ import kernels
 from helpers import rel
 from kernels import InferenceParams, Mamba2, mamba_chunk_scan_combined, ssd_minimal_discrete
 
-BACKENDS = ["torch", "ref"]
+HAS_TRITON = kernels._utils.triton_available()
+BACKENDS = ["torch", "ref"] + (["triton"] if HAS_TRITON else [])
 
 
 def oracle(x, dt, A, B, C, D=None, z=None, dt_bias=None, h0=None, seq_idx=None, softplus=False,
@@ -115,9 +116,23 @@ def test_against_float64_recurrence(backend, case):
     check(backend, inp, seq, chunk, sp, lim)
 
 
-def test_bf16_inputs():
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])
+def test_bf16_inputs(backend):
     inp, seq = make(2, 40, 4, 4, 2, 4, docs=[20], dtype=torch.bfloat16, seed=9)
-    check("torch", inp, seq, 16, True, (0.0, INF), tol=2e-2)
+    check(backend, inp, seq, 16, True, (0.0, INF), tol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CASES, ids=[f"L{c[1]}-Q{c[6]}-G{c[4]}" for c in CASES])
+def test_cuda_triton_against_recurrence(case):
+    batch, L, H, P, G, N, chunk, D, z, bias, h0, sp, lim, docs = case
+    inp, seq = make(batch, L, H, P, G, N, D, z, bias, h0, docs, seed=L)
+    cuda = {k: (v.cuda() if v is not None else None) for k, v in inp.items()}
+    out = mamba_chunk_scan_combined(**cuda, chunk_size=chunk, seq_idx=seq.cuda() if seq is not None else None,
+                                    dt_softplus=sp, dt_limit=lim, backend="triton")
+    ref, _ = oracle(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
+                    inp["initial_states"], seq, sp, lim)
+    assert rel(out.cpu(), ref) < 1e-5  # conftest forces IEEE fp32 dots
 
 
 def test_result_does_not_depend_on_chunk_size():

@@ -1,5 +1,4 @@
-"""mamba_chunk_scan_combined: mamba_ssm's Mamba-2 SSD entry point, with torch / ref backends
-(and Triton where it is available for this op; see kernels/README)."""
+"""mamba_chunk_scan_combined: mamba_ssm's Mamba-2 SSD entry point, with triton / torch / ref backends."""
 from __future__ import annotations
 
 import math
@@ -49,12 +48,13 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     """
     name = resolve_backend(backend, x)
     validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
+    check(name != "triton" or x.dtype != torch.float64,
+          "the triton backend takes float16/bfloat16/float32 x; use backend='torch' or 'ref' for float64")
     args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
             return_final_states)
     if name == "ref":
         return ssd_sequential_ref(*args)
     if name == "triton":
-        from .triton_ssd import ssd_triton, TRITON_SSD_AVAILABLE
-        if TRITON_SSD_AVAILABLE:
-            return ssd_triton(*args)
+        from .triton_ssd import ssd_triton
+        return ssd_triton(*args)
     return ssd_torch(*args)

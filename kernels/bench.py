@@ -166,7 +166,21 @@ def ssd_flops(batch, L, H, P, N, G, chunk):
     return batch * L * (2 * chunk * N * G + 2 * chunk * P * H + 4 * P * N * H)
 
 
-def ssd_impls(device, backends):
+def load_mamba_ssm_triton(folder: str):
+    """mamba_ssm's Triton SSD from a folder holding a copy of mamba_ssm/ops/triton/*.py (never committed).
+    Its modules import each other as mamba_ssm.ops.triton.*, and the real package __init__ imports the
+    compiled CUDA scan, so stub packages point those names at the folder instead."""
+    import importlib
+    import types
+    for name, path in (("mamba_ssm", None), ("mamba_ssm.ops", None), ("mamba_ssm.ops.triton", folder)):
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [path] if path else []
+            sys.modules[name] = mod
+    return importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+
+
+def ssd_impls(device, backends, mamba_ssm_dir=None):
     impls = {b: (lambda b=b, seq=None, chunk=256, **kw: mamba_chunk_scan_combined(
         **kw, chunk_size=chunk, seq_idx=seq, dt_softplus=True, backend=b)) for b in backends}
     if device.type == "cuda":
@@ -181,15 +195,19 @@ def ssd_impls(device, backends):
             impls["fla chunk_simple_gla"] = fla
         except ImportError:
             pass
+        if mamba_ssm_dir:
+            upstream = load_mamba_ssm_triton(mamba_ssm_dir)
+            impls["mamba_ssm triton"] = lambda seq=None, chunk=256, **kw: upstream(
+                **kw, chunk_size=chunk, seq_idx=seq, dt_softplus=True)
     return impls
 
 
-def bench_ssd(shape, dtype, device, backends, repeat, docs, max_ref_len):
+def bench_ssd(shape, dtype, device, backends, repeat, docs, max_ref_len, mamba_ssm_dir=None):
     batch, L, H, P, N, G, chunk = shape
     inp, seq = ssd_inputs(batch, L, H, P, N, G, dtype, device, docs)
     flops = ssd_flops(batch, L, H, P, N, G, chunk)
     rows = []
-    for name, impl in ssd_impls(device, backends).items():
+    for name, impl in ssd_impls(device, backends, mamba_ssm_dir).items():
         if name == "ref" and L * batch > max_ref_len:
             rows.append(dict(impl=name, skipped=f"batch*L > {max_ref_len}"))
             continue
@@ -263,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--backends", default=None, help="comma-separated (default: triton,torch,ref on CUDA; torch,ref on CPU)")
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--max_ref_elems", type=float, default=3e8, help="skip ref/mambapy above this batch*dim*L*N")
+    ap.add_argument("--mamba_ssm_triton", default=None,
+                    help="folder with a copy of mamba_ssm/ops/triton/*.py: benchmark its SSD side by side (GPU)")
     ap.add_argument("--json", default=None, help="write all rows here")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -288,7 +308,8 @@ def main(argv=None):
         ssd_backends = backends
         for shape in ssd_shapes:
             for docs in (0, 4):
-                rows = bench_ssd(shape, dtype, device, ssd_backends, repeat, docs, max_ref_len=4096)
+                rows = bench_ssd(shape, dtype, device, ssd_backends, repeat, docs, max_ref_len=4096,
+                                 mamba_ssm_dir=args.mamba_ssm_triton)
                 results["ops"][f"ssd {shape} docs={docs}"] = rows
                 print_table(f"mamba_chunk_scan_combined (batch, L, heads, headdim, N, groups, chunk) = {shape}, "
                             f"{'seq_idx with ' + str(docs) + ' documents' if docs else 'no seq_idx'}", rows, SSD_COLUMNS)

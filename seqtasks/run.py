@@ -158,7 +158,7 @@ def plot(results: list[dict], path: Path) -> None:
         steps = [c["step"] for c in r["curve"]]
         for ax, key in zip(axes, ("mask_error", "sample_error")):
             ax.plot(steps, [max(c[key], 1e-3) for c in r["curve"]], marker=".", label=r["config"]["name"])
-    for ax, key in zip(axes, ("validation mask error %", "validation sample error %")):
+    for ax, key in zip(axes, ("validation mask error % (0 drawn at 1e-3)", "validation sample error % (0 drawn at 1e-3)")):
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.set_yscale("log")

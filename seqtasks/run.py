@@ -69,12 +69,12 @@ PRESETS = {
                                    dict(ch=64, layers=12, ks=9, dilation=[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 1],
                                         attn_layers=[11], attn="KV"), steps=3000, full_steps=1_000_000, lr=2e-3),
     "vselcopy-mamba": Config("vselcopy-mamba", "vselcopy", dict(num_items=5, num_ops=3, ops="swap"), "mamba",
-                             dict(ch=64, layers=4, d_state=16), steps=3000, full_steps=1_000_000, lr=3e-3),
+                             dict(ch=64, layers=2, d_state=16), steps=3000, full_steps=1_000_000, lr=1e-2, batch_size=32),
     # seed 004: Pig Latin, word-level accuracy
     "piglatin-transformer": Config("piglatin-transformer", "piglatin", {}, "transformer", dict(ch=64, layers=4, heads=8),
                                    steps=3000, full_steps=40_000, lr=1e-3),
-    "piglatin-mamba": Config("piglatin-mamba", "piglatin", {}, "mamba", dict(ch=64, layers=4, d_state=16), steps=3000,
-                             full_steps=40_000, lr=3e-3),
+    "piglatin-mamba": Config("piglatin-mamba", "piglatin", {}, "mamba", dict(ch=64, layers=2, d_state=16), steps=3000,
+                             full_steps=40_000, lr=1e-2, batch_size=32),
 }
 
 

@@ -133,6 +133,14 @@ def test_training_improves_and_runner_writes_outputs(tmp_path):
     assert (folder / "curves.png").stat().st_size > 1000 and len(out) == 1
 
 
+def test_yaml_config(tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("- name: tiny-yaml\n  task: vselcopy\n  task_args: {num_items: 3, num_ops: 2}\n  model: lstm\n"
+                   "  model_args: {ch: 8, layers: 1}\n  steps: 3\n  eval_every: 3\n  num_val: 8\n")
+    (res,) = run_main(["--config", str(cfg), "--out", str(tmp_path / "out"), "--no_progress"])
+    assert res["config"]["name"] == "tiny-yaml" and res["config"]["task_args"] == {"num_items": 3, "num_ops": 2}
+
+
 def test_runner_rejects_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="unknown preset"):
         run_main(["--preset", "nope"])

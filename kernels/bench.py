@@ -59,6 +59,16 @@ def copy_bandwidth_gbs(device) -> float:
     return 2 * src.numel() * src.element_size() / (ms / 1000) / 1e9
 
 
+def add_ratios_to_ref(rows):
+    """Speed ratios of every measured row against the "ref" row, when there is one."""
+    ref = next((r for r in rows if r["impl"] == "ref" and "fwd_ms" in r), None)
+    for r in rows:
+        if ref and "fwd_ms" in r:
+            r["fwd_speedup_vs_ref"] = ref["fwd_ms"] / r["fwd_ms"]
+            r["fwd_bwd_speedup_vs_ref"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return rows
+
+
 def peak_mem_mib(fn, device):
     if device.type != "cuda":
         return None
@@ -139,12 +149,7 @@ def bench_scan(shape, dtype, device, backends, repeat, bandwidth, max_ref_elems)
         gbs = fwd_bytes / (f_ms / 1000) / 1e9
         rows.append(dict(impl=name, fwd_ms=f_ms, fwd_bwd_ms=fb_ms, peak_mib=mem, fwd_gbs=gbs,
                          fwd_pct_copy_bw=100 * gbs / bandwidth))
-    ref = next((r for r in rows if r["impl"] == "ref" and "fwd_ms" in r), None)
-    for r in rows:
-        if ref and "fwd_ms" in r:
-            r["fwd_speedup_vs_ref"] = ref["fwd_ms"] / r["fwd_ms"]
-            r["fwd_bwd_speedup_vs_ref"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-    return rows
+    return add_ratios_to_ref(rows)
 
 
 # ------------------------------------------------------------------ Mamba-2 SSD
@@ -229,12 +234,7 @@ def bench_ssd(shape, dtype, device, backends, repeat, docs, max_ref_len, mamba_s
         fb_ms = time_ms(fwd_bwd, device, repeat)
         rows.append(dict(impl=name, fwd_ms=f_ms, fwd_bwd_ms=fb_ms, peak_mib=peak_mem_mib(fwd_bwd, device),
                          fwd_tflops=flops / (f_ms / 1000) / 1e12))
-    ref = next((r for r in rows if r["impl"] == "ref" and "fwd_ms" in r), None)
-    for r in rows:
-        if ref and "fwd_ms" in r:
-            r["fwd_speedup_vs_ref"] = ref["fwd_ms"] / r["fwd_ms"]
-            r["fwd_bwd_speedup_vs_ref"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-    return rows
+    return add_ratios_to_ref(rows)
 
 
 SCAN_COLUMNS = [("fwd ms", "fwd_ms", ".2f"), ("fwd+bwd ms", "fwd_bwd_ms", ".2f"), ("peak MiB", "peak_mib", ".0f"),

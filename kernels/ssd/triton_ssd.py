@@ -75,6 +75,25 @@ def _chunk_common(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, pid_bh, c, L, H, 
 
 
 @triton.jit
+def _weight_in(cs, tm, sq, seq_in, HAS_SEQ: tl.constexpr):
+    """exp(cs_t): how the state entering the chunk reaches step t (0 outside its document)."""
+    into = tm
+    if HAS_SEQ:
+        into = into & (sq == seq_in)
+    return tl.exp(tl.where(into, cs, float("-inf")))
+
+
+@triton.jit
+def _weight_end(cs, t, tm, sq, t_end, seq_end, HAS_SEQ: tl.constexpr):
+    """(exp(cs_end - cs_s), cs_end): how step s reaches the chunk's end state (0 outside its document)."""
+    cs_end = tl.sum(tl.where(t == t_end, cs, 0.0), axis=0)
+    keep = tm
+    if HAS_SEQ:
+        keep = keep & (sq == seq_end)
+    return tl.exp(tl.where(keep, cs_end - cs, float("-inf"))), cs_end
+
+
+@triton.jit
 def _ssd_chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, S_ptr, decay_ptr, L, H, G, P, N, NC,
                          sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b,
                          Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -84,12 +103,7 @@ def _ssd_chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, S_ptr, dec
     b, h, g, t, tm, p, n, x, dt, Bm, Cm, A, cs, same, sq, t_end, seq_end, seq_in = _chunk_common(
         x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, pid_bh, c, L, H, G, P, N,
         sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b, Q, BP, BN, HAS_SEQ)
-    is_end = t == t_end
-    cs_end = tl.sum(tl.where(is_end, cs, 0.0), axis=0)
-    keep = tm
-    if HAS_SEQ:
-        keep = keep & (sq == seq_end)
-    w_end = tl.exp(tl.where(keep, cs_end - cs, float("-inf")))
+    w_end, cs_end = _weight_end(cs, t, tm, sq, t_end, seq_end, HAS_SEQ)
     xw = x * (dt * w_end)[:, None]
     S = tl.dot(tl.trans(xw), Bm, input_precision=PREC)  # (BP, BN)
     base = (pid_bh * NC + c) * P * N
@@ -131,10 +145,7 @@ def _ssd_chunk_scan_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, hin_ptr, y_
     y = tl.dot(CB * E, x * dt[:, None], input_precision=PREC)
     hin = tl.load(hin_ptr + (pid_bh * NC + c) * P * N + p[:, None] * N + n[None, :],
                   mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
-    into = tm
-    if HAS_SEQ:
-        into = into & (sq == seq_in)
-    w_in = tl.exp(tl.where(into, cs, float("-inf")))
+    w_in = _weight_in(cs, tm, sq, seq_in, HAS_SEQ)
     y += tl.dot(Cm, tl.trans(hin), input_precision=PREC) * w_in[:, None]
     tl.store(y_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :], y, mask=tm[:, None] & (p[None, :] < P))
 
@@ -148,10 +159,7 @@ def _ssd_dhin_bwd(dy_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, dhin_ptr, x_ptr,
     b, h, g, t, tm, p, n, dy, dt, Bm, Cm, A, cs, same, sq, t_end, seq_end, seq_in = _chunk_common(
         dy_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, pid_bh, c, L, H, G, P, N,
         sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b, Q, BP, BN, HAS_SEQ)
-    into = tm
-    if HAS_SEQ:
-        into = into & (sq == seq_in)
-    w_in = tl.exp(tl.where(into, cs, float("-inf")))
+    w_in = _weight_in(cs, tm, sq, seq_in, HAS_SEQ)
     dhin = tl.dot(tl.trans(dy * w_in[:, None]), Cm, input_precision=PREC)  # (BP, BN)
     tl.store(dhin_ptr + (pid_bh * NC + c) * P * N + p[:, None] * N + n[None, :], dhin,
              mask=(p[:, None] < P) & (n[None, :] < N))
@@ -204,20 +212,13 @@ def _ssd_chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, hin_ptr, dy_ptr,
     dB = tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
     # 2. the incoming state: y += (C h_in^T) * w_in
     hin = tl.load(hin_ptr + (pid_bh * NC + c) * P * N + p[:, None] * N + n[None, :], mask=pm, other=0.0)
-    into = tm
-    if HAS_SEQ:
-        into = into & (sq == seq_in)
-    w_in = tl.exp(tl.where(into, cs, float("-inf")))
+    w_in = _weight_in(cs, tm, sq, seq_in, HAS_SEQ)
     Z = tl.dot(Cm, tl.trans(hin), input_precision=PREC)
     dC += tl.dot(dy * w_in[:, None], hin, input_precision=PREC)
     dcs += tl.sum(dy * Z, axis=1) * w_in
     # 3. the chunk's own end state: S = (xdt * w_end)^T B
     is_end = t == t_end
-    cs_end = tl.sum(tl.where(is_end, cs, 0.0), axis=0)
-    keep = tm
-    if HAS_SEQ:
-        keep = keep & (sq == seq_end)
-    w_end = tl.exp(tl.where(keep, cs_end - cs, float("-inf")))
+    w_end, cs_end = _weight_end(cs, t, tm, sq, t_end, seq_end, HAS_SEQ)
     dS = tl.load(dS_ptr + (pid_bh * NC + c) * P * N + p[:, None] * N + n[None, :], mask=pm, other=0.0)
     BdS = tl.dot(Bm, tl.trans(dS), input_precision=PREC)  # (Q, BP)
     dxdt += w_end[:, None] * BdS

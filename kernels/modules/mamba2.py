@@ -93,13 +93,10 @@ class Mamba2(CachedStates, nn.Module):
         """u: (batch, L, d_model); seq_idx: (batch, L) int for packed documents."""
         if cu_seqlens is not None:
             raise NotImplementedError("cu_seqlens is not supported: pass seq_idx (batch, L) instead")
-        batch, L, _ = u.shape
-        conv_state = ssm_state = None
-        if inference_params is not None:
-            conv_state, ssm_state = self._get_states_from_cache(inference_params, batch)
-            if inference_params.seqlen_offset > 0:
-                out, _, _ = self.step(u, conv_state, ssm_state)
-                return out
+        L = u.shape[1]
+        conv_state, ssm_state, out = self._cached_or_step(inference_params, u)
+        if out is not None:
+            return out
         z0, x0, z, xBC, dt = self._split(self.in_proj(u))
         A = -torch.exp(self.A_log.float())
         xBC_t = xBC.transpose(1, 2)

@@ -29,6 +29,16 @@ class InferenceParams:
 class CachedStates:
     """The per-layer (conv_state, ssm_state) lookup shared by Mamba and Mamba2."""
 
+    def _cached_or_step(self, inference_params, hidden_states):
+        """(conv_state, ssm_state, out): states are None without a cache; out is the single-token step's
+        output once past the prompt (seqlen_offset > 0), else None and the caller runs the full forward."""
+        if inference_params is None:
+            return None, None, None
+        conv_state, ssm_state = self._get_states_from_cache(inference_params, hidden_states.shape[0])
+        if inference_params.seqlen_offset > 0:
+            return conv_state, ssm_state, self.step(hidden_states, conv_state, ssm_state)[0]
+        return conv_state, ssm_state, None
+
     def _get_states_from_cache(self, inference_params, batch_size):
         if self.layer_idx is None:
             raise ValueError(f"decoding with inference_params needs {type(self).__name__}(layer_idx=...)")
@@ -83,13 +93,9 @@ class Mamba(CachedStates, nn.Module):
 
     def forward(self, hidden_states, inference_params=None, seq_idx=None):
         """hidden_states: (batch, L, d_model); seq_idx: (batch, L) int, no state crosses a change."""
-        batch, seqlen, _ = hidden_states.shape
-        conv_state = ssm_state = None
-        if inference_params is not None:
-            conv_state, ssm_state = self._get_states_from_cache(inference_params, batch)
-            if inference_params.seqlen_offset > 0:
-                out, _, _ = self.step(hidden_states, conv_state, ssm_state)
-                return out
+        conv_state, ssm_state, out = self._cached_or_step(inference_params, hidden_states)
+        if out is not None:
+            return out
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, L)
         x, z = xz.chunk(2, dim=1)
         A = -torch.exp(self.A_log.float())

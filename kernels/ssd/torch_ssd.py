@@ -1,15 +1,22 @@
-"""Chunked SSD in PyTorch (the CPU path): per chunk of Q steps, the output is a masked C.B^T matmul
-against dt*x plus the carried state read through C; chunk states pass sequentially between chunks.
-Autograd gives the gradients.
+"""Chunked SSD in PyTorch (the CPU path): per chunk of Q = chunk_size steps, the output is a masked
+C.B^T matmul against dt*x plus the carried state read through C; chunk states pass sequentially between
+chunks. Autograd gives the gradients.
 
-Decays are exp of differences of a cumsum inside one chunk (at most Q terms) and one document, never a
-long cumsum minus another, so precision does not degrade with L and documents do not leak rounding. Heads are laid out as (groups, heads per group) so B and
-C broadcast over a group's heads without copies. Memory is O(batch * L * heads * Q), so the internal
-chunk is min(chunk_size, 64): the chunking is an implementation detail, the result does not depend on it.
+- chunk_size is honoured as given (any positive int): it is the chunk length Q. Results do not depend on
+  it beyond rounding; memory is O(batch * L * heads * Q) and the inter-chunk loop has L / Q steps.
+- Decays inside a chunk are segment sums: exp(dA_{s+1} + ... + dA_t), summed directly (a cumsum of the
+  masked (Q, Q) expansion of dA), never exp(cs_t - cs_s) of two long cumsums, which cancels digits.
+- Linear in L forward and backward: the inter-chunk loop walks unbind() views. Indexing states[:, c] in
+  the loop would give every step's backward a full states-sized zero tensor (quadratic in the chunks).
+- Heads are laid out as (groups, heads per group) so B and C broadcast over a group's heads without copies.
 
-Packed documents (seq_idx): C_t.B_s terms and decays between different documents are masked; a chunk's
-end state only collects tokens of the document that chunk ends in; the incoming state reaches only tokens
-of the document it belongs to (the initial state belongs to the first document of each row).
+Packed documents (seq_idx, contiguous runs of one id per document): C_t.B_s terms and decays between
+documents are masked to -inf before exp (so no inf * 0); a chunk's end state only collects tokens of the
+document it ends in; the carried state is dropped with a select (torch.where, not a multiply by 0) where
+a document starts, and the incoming state reaches only tokens of its own document through a select too.
+So a NaN/inf carried in one document's state never reaches the next one. Limit: inside one chunk the
+masked (Q, Q) matmul still adds 0 * x_s for other documents' tokens, so a non-finite *input* x reaches
+the other document's outputs in that same chunk (as in mamba_ssm's kernels).
 """
 from __future__ import annotations
 
@@ -18,7 +25,14 @@ import torch.nn.functional as F
 
 from .reference import process_dt
 
-MAX_TORCH_CHUNK = 64
+
+def _segsum(dA: torch.Tensor) -> torch.Tensor:
+    """dA (..., Q) -> (..., Q, Q) with [t, s] = dA[s+1] + ... + dA[t] for s <= t (0 on the diagonal);
+    entries above the diagonal are left finite and must be masked by the caller."""
+    Q = dA.shape[-1]
+    strictly_lower = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=dA.device), diagonal=-1)
+    expanded = dA[..., :, None].expand(*dA.shape, Q).masked_fill(~strictly_lower, 0.0)  # [k, s] = dA_k if k > s
+    return torch.cumsum(expanded, dim=-2)
 
 
 def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
@@ -27,7 +41,7 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
-    Q = min(chunk_size, MAX_TORCH_CHUNK)
+    Q = min(chunk_size, L)  # a chunk longer than the sequence only adds padding
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, L, H)
     xw, Bw, Cw = x.to(work), B.to(work), C.to(work)
     pad = (-L) % Q
@@ -47,45 +61,43 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     Cc = Cw.view(batch, nc, Q, G, N).transpose(2, 3)
     dA = dtc * A.to(work).view(G, R, 1)
     xdt = xc * dtc[..., None]
+    cs = torch.cumsum(dA, dim=-1)  # decay from the chunk start to step t: a segment sum from the start
+    seg = _segsum(dA)  # (b, nc, G, R, Q, Q)
 
     mask = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
-    if seq is None:
-        cs = torch.cumsum(dA, dim=-1)  # within each chunk
-    else:
+    if seq is not None:
         sc = seq.view(batch, nc, Q)
-        mask = mask & (sc[:, :, None, :, None] == sc[:, :, None, None, :])[:, :, None]  # (b, nc, 1, 1, Q, Q)
-        # cumsum restarted at every document start (a masked matmul), so a decay never subtracts two sums
-        # that contain another document's dt: isolation holds exactly, not only up to rounding
-        cs = (mask.to(work) @ dA[..., None]).squeeze(-1)
+        mask = mask & (sc[:, :, :, None] == sc[:, :, None, :])[:, :, None, None]  # (b, nc, 1, 1, Q, Q)
         seq_end = sc[:, :, -1]  # document each chunk ends in
         seq_in = torch.cat([seq[:, :1], seq_end[:, :-1]], 1)  # document of the state entering each chunk
-    # 1. inside each chunk: y_t += sum_{s<=t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s
-    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~mask, -torch.inf))  # (b, nc, G, R, Q, Q)
+    # 1. inside each chunk: y_t += sum_{s<=t} (C_t . B_s) exp(segsum[t, s]) dt_s x_s
+    decay = torch.exp(seg.masked_fill(~mask, -torch.inf))
     CB = Cc @ Bc.transpose(-1, -2)  # (b, nc, G, Q, Q)
     y = (CB[:, :, :, None] * decay) @ xdt  # (b, nc, G, R, Q, P)
-    # 2. each chunk's own contribution to its end state
-    # other documents are masked inside the exponent: their per-document cumsums can make the difference
-    # large and positive, and exp would overflow to inf (inf * 0 = NaN)
-    end_gap = cs[..., -1:] - cs
-    if seq is not None:
-        end_gap = end_gap.masked_fill((sc != seq_end[..., None])[:, :, None, None, :], -torch.inf)
-    w_end = torch.exp(end_gap)
+    # 2. each chunk's own contribution to its end state: the decay to the chunk end is the segsum's last
+    # row (already 0 for tokens of other documents than the last one)
+    w_end = decay[..., -1, :]  # (b, nc, G, R, Q)
     states = (xdt * w_end[..., None]).transpose(-1, -2) @ Bc[:, :, :, None]  # (b, nc, G, R, P, N)
     # 3. pass states between chunks
-    chunk_decay = torch.exp(cs[..., -1])  # (b, nc, G, R)
-    if seq is not None:
-        chunk_decay = chunk_decay * (seq_end == seq_in)[..., None, None]
+    chunk_decay = torch.exp(cs[..., -1])[..., None, None]  # (b, nc, G, R, 1, 1)
     h = (initial_states.to(work).view(batch, G, R, P, N) if initial_states is not None
          else xw.new_zeros(batch, G, R, P, N))
     incoming = []
-    for c in range(nc):
-        incoming.append(h)
-        h = chunk_decay[:, c, ..., None, None] * h + states[:, c]
+    if seq is None:
+        for decay_c, state_c in zip(chunk_decay.unbind(1), states.unbind(1)):
+            incoming.append(h)
+            h = torch.addcmul(state_c, decay_c, h)
+    else:
+        carried = (seq_end == seq_in)[:, :, None, None, None, None]  # (b, nc, 1, 1, 1, 1)
+        for decay_c, state_c, keep_c in zip(chunk_decay.unbind(1), states.unbind(1), carried.unbind(1)):
+            incoming.append(h)
+            h = torch.where(keep_c, decay_c * h, 0.0) + state_c
     h_in = torch.stack(incoming, 1)  # (b, nc, G, R, P, N)
     # 4. the incoming state, decayed to each step and read through C
-    w_in = torch.exp(cs if seq is None else cs.masked_fill((sc != seq_in[..., None])[:, :, None, None, :], -torch.inf))
-    y = y + (Cc[:, :, :, None] @ h_in.transpose(-1, -2)) * w_in[..., None]
-    y = y.permute(0, 1, 4, 2, 3, 5)  # (b, nc, Q, G, R, P)
+    y_in = (Cc[:, :, :, None] @ h_in.transpose(-1, -2)) * torch.exp(cs)[..., None]
+    if seq is not None:  # only tokens of the incoming state's document see it
+        y_in = torch.where((sc == seq_in[..., None])[:, :, None, None, :, None], y_in, 0.0)
+    y = (y + y_in).permute(0, 1, 4, 2, 3, 5)  # (b, nc, Q, G, R, P)
     y = y.reshape(batch, nc * Q, H, P)[:, :L]
     if D is not None:
         Dw = D.to(work)
@@ -94,5 +106,5 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
         y = y * F.silu(z.to(work))
     y = y.to(x.dtype)
     if return_final_states:
-        return y, h.reshape(batch, H, P, N).to(torch.float64 if work == torch.float64 else torch.float32)
+        return y, h.reshape(batch, H, P, N)
     return y

@@ -1,0 +1,228 @@
+"""torch.compile support: the Mamba-1 selective scan and the Mamba-2 SSD as torch.library custom ops.
+
+Inside a compiled region `selective_scan_fn` and `mamba_chunk_scan_combined` hand over to
+`selective_scan_compiled` / `ssd_compiled` here, which call one opaque op each. Dynamo puts the op in the
+graph as a single node (no graph break, whatever the backend does inside: Triton launches, autograd
+Functions, Python loops), AOTAutograd and Inductor see only its fake implementation (shapes, dtypes,
+strides) and its autograd formula.
+
+Design choices:
+- Each op's real implementation calls the public eager function with the caller's `backend`; the backend is
+  resolved when the op runs, as an eager call resolves it. No recursion: torch.compiler.is_compiling() is
+  False when a compiled graph runs the op (tests/test_compile_ops.py checks it).
+- Backward is a second custom op that recomputes the forward under autograd with the same eager function
+  and calls torch.autograd.grad. This costs one extra forward per backward, but stays exact for every backend
+  and every option (seq_idx, bilinear, initial states...) without depending on any backend's internal
+  saved-tensor layout. Gradients flow exactly where the eager function's do: the scan's last state is
+  non-differentiable on the Triton backend and differentiable on the torch/ref ones, in eager and compiled
+  alike.
+- Outputs are new dense (row-major) tensors of fixed dtypes (out like u / x; states float32, float64 for
+  float64 inputs), so the fake implementations state exact strides and Inductor's stride checks hold.
+- The fake implementations run the eager argument checks, so bad input raises the eager ValueError while
+  compiling, before anything runs.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._utils import resolve_backend
+from .selective_scan.interface import selective_scan_fn, validate_selective_scan
+from .ssd.interface import mamba_chunk_scan_combined, validate_ssd
+
+# a namespace of our own: mamba_ssm registers ops too, and both packages may be imported in one process
+NAMESPACE = "nanogpt_mamba"
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _dense_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _fresh(t: Tensor, dtype: torch.dtype, inputs) -> Tensor:
+    """t as a dense tensor of `dtype` that shares no memory with the op's inputs (a custom op's outputs may
+    not alias its inputs; autograd passes a gradient through an addition unchanged). Copies only when needed."""
+    t = t.to(dtype)
+    storage = t.untyped_storage().data_ptr()
+    aliased = any(isinstance(i, Tensor) and i.untyped_storage().data_ptr() == storage for i in inputs)
+    if t.stride() == _dense_strides(t.shape) and not aliased:
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
+@contextmanager
+def _autograd_dispatch():
+    """Re-enable autograd recording inside a custom op's implementation. The dispatcher runs every custom
+    op below autograd (torch._library.autograd excludes the Autograd keys in thread-local state), where
+    enable_grad alone records nothing for ordinary ops: the eager backends' own backward passes, which
+    recompute under autograd, would fail. Only the Autograd keys leave the exclude set; the rest stays."""
+    K = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (K.AutogradFunctionality, K.AutogradOther, K.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+def _recompute_grads(forward, inputs, output_grads):
+    """Gradients of forward(*inputs) for every floating-point input that is not None, in order.
+    forward returns a tuple of outputs; output_grads holds one gradient (or None) per output."""
+    with _autograd_dispatch():
+        leaves = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
+        outputs = forward(*leaves)
+        used = [(o, g.to(o.dtype)) for o, g in zip(outputs, output_grads) if g is not None and o.requires_grad]
+        wanted = [t for t in leaves if t is not None and t.is_floating_point()]
+        grads = (torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True)
+                 if used else [None] * len(wanted))
+    all_inputs = list(inputs) + list(output_grads)
+    return [_fresh(torch.zeros_like(t) if g is None else g, t.dtype, all_inputs) for t, g in zip(wanted, grads)]
+
+
+def _fake_grads(inputs) -> list[Tensor]:
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs
+            if t is not None and t.is_floating_point()]
+
+
+def _unpack_grads(inputs, grads):
+    """One entry per op input: the next gradient for a floating-point tensor, None for the rest."""
+    it = iter(grads)
+    return tuple(next(it) if isinstance(t, Tensor) and t.is_floating_point() else None for t in inputs)
+
+
+# ---------------------------------------------------------------- Mamba-1 selective scan
+
+def _scan_eager(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, discretization, backend):
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, seq_idx=seq_idx,
+                             discretization=discretization, backend=backend)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], seq_idx: Optional[Tensor],
+                       delta_softplus: bool, discretization: str, backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """(out (batch, dim, L) in u's dtype, last state (batch, dim, N)): selective_scan_fn's results."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    with torch.no_grad():  # the autograd formula below owns differentiation
+        out, last = _scan_eager(*inputs, delta_softplus, discretization, backend)
+    return _fresh(out, u.dtype, inputs), _fresh(last, _state_dtype(u), inputs)
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, discretization, backend):
+    validate_selective_scan(u, delta, A, B, C, D, z, delta_bias, seq_idx, discretization,
+                            resolve_backend(backend, u))
+    batch, dim, L = u.shape
+    return u.new_empty((batch, dim, L)), u.new_empty((batch, dim, A.shape[1]), dtype=_state_dtype(u))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                       C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                       seq_idx: Optional[Tensor], delta_softplus: bool, discretization: str,
+                       backend: Optional[str]) -> list[Tensor]:
+    """Gradients for u, delta, A, B, C and each of D, z, delta_bias that is given, in that order."""
+    return _recompute_grads(lambda *t: _scan_eager(*t, delta_softplus, discretization, backend),
+                            (u, delta, A, B, C, D, z, delta_bias, seq_idx), (dout, dlast))
+
+
+@selective_scan_bwd.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, discretization, backend):
+    return _fake_grads((u, delta, A, B, C, D, z, delta_bias))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    *tensors, ctx.delta_softplus, ctx.discretization, ctx.backend = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _scan_backward(ctx, dout, dlast):
+    tensors = ctx.saved_tensors
+    grads = selective_scan_bwd(dout, dlast, *tensors, ctx.delta_softplus, ctx.discretization, ctx.backend)
+    return _unpack_grads(tensors, grads) + (None, None, None)
+
+
+selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False, seq_idx=None, discretization="zoh", backend=None):
+    """selective_scan_fn (same signature, results and gradients) as one graph node under torch.compile."""
+    out, last = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, bool(delta_softplus),
+                                   discretization, backend)
+    return (out, last) if return_last_state else out
+
+
+# ---------------------------------------------------------------- Mamba-2 SSD
+
+def _ssd_eager(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_limit,
+               backend):
+    return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                     initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                                     dt_limit=tuple(dt_limit), return_final_states=True, backend=backend)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::ssd_fwd", mutates_args=())
+def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+            dt_bias: Optional[Tensor], initial_states: Optional[Tensor], seq_idx: Optional[Tensor], chunk_size: int,
+            dt_softplus: bool, dt_limit: list[float], backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """(y (batch, L, heads, headdim) in x's dtype, final states (batch, heads, headdim, dstate))."""
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    with torch.no_grad():
+        y, final = _ssd_eager(*inputs, chunk_size, dt_softplus, dt_limit, backend)
+    return _fresh(y, x.dtype, inputs), _fresh(final, _state_dtype(x), inputs)
+
+
+@ssd_fwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_limit, backend):
+    resolve_backend(backend, x)
+    validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
+    batch, L, H, P = x.shape
+    return x.new_empty((batch, L, H, P)), x.new_empty((batch, H, P, B.shape[3]), dtype=_state_dtype(x))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::ssd_bwd", mutates_args=())
+def ssd_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+            D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
+            seq_idx: Optional[Tensor], chunk_size: int, dt_softplus: bool, dt_limit: list[float],
+            backend: Optional[str]) -> list[Tensor]:
+    """Gradients for x, dt, A, B, C and each of D, z, dt_bias, initial_states that is given, in that order."""
+    return _recompute_grads(lambda *t: _ssd_eager(*t, chunk_size, dt_softplus, dt_limit, backend),
+                            (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx), (dy, dfinal))
+
+
+@ssd_bwd.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_limit,
+      backend):
+    return _fake_grads((x, dt, A, B, C, D, z, dt_bias, initial_states))
+
+
+def _ssd_setup_context(ctx, inputs, output):
+    *tensors, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit, ctx.backend = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _ssd_backward(ctx, dy, dfinal):
+    tensors = ctx.saved_tensors
+    grads = ssd_bwd(dy, dfinal, *tensors, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit, ctx.backend)
+    return _unpack_grads(tensors, grads) + (None, None, None, None)
+
+
+ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
+
+
+def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+                 dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, backend=None):
+    """mamba_chunk_scan_combined (same signature, results and gradients) as one graph node under torch.compile."""
+    y, final = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, bool(dt_softplus),
+                       [float(v) for v in dt_limit], backend)
+    return (y, final) if return_final_states else y

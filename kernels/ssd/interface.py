@@ -21,6 +21,7 @@ def validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
     check_tensor("B", B, (batch, L, None, None), FLOAT_DTYPES, dev)
     G, N = B.shape[2], B.shape[3]
     check(G >= 1 and H % G == 0, f"B has {G} groups, which must divide nheads={H} (B: (batch, L, groups, dstate))")
+    check(N >= 1, f"B and C must have d_state >= 1, got B of shape {tuple(B.shape)}")
     check_tensor("C", C, (batch, L, G, N), FLOAT_DTYPES, dev)
     if D is not None:
         check_tensor("D", D, None, (torch.float32, torch.float64), dev)
@@ -46,10 +47,23 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     y_t = h_t C_t + D x_t;  out = y * silu(z). L need not be a multiple of chunk_size.
     Returns out (x's dtype), and the fp32 final states (batch, heads, headdim, dstate) if requested.
     """
+    if torch.compiler.is_compiling():
+        try:
+            from ..compile_ops import ssd_compiled
+        except ImportError:  # the custom-op wrapper is optional; trace the plain path instead
+            ssd_compiled = None
+        if ssd_compiled is not None:
+            return ssd_compiled(x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                                dt_limit=dt_limit, return_final_states=return_final_states, backend=backend)
     name = resolve_backend(backend, x)
     validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
-    check(name != "triton" or x.dtype != torch.float64,
-          "the triton backend takes float16/bfloat16/float32 x; use backend='torch' or 'ref' for float64")
+    if name == "triton":
+        from .triton_ssd import CHUNK_SIZES
+        check(x.dtype != torch.float64,
+              "the triton backend takes float16/bfloat16/float32 x; use backend='torch' or 'ref' for float64")
+        check(chunk_size in CHUNK_SIZES,
+              f"chunk_size must be one of {CHUNK_SIZES} for the triton backend, got {chunk_size!r}")
     args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
             return_final_states)
     if name == "ref":

@@ -1,21 +1,34 @@
-"""Triton SSD (Mamba-2), forward and backward.
+"""Triton SSD (Mamba-2), forward and backward, chunked as mamba_ssm and flash-linear-attention structure it.
 
-dt processing (bias, softplus, limits), the D skip and the z gate are elementwise and stay in torch around
-a Triton core that computes, per head, y_t = sum_{s<=t} C_t.B_s exp(cs_t - cs_s) dt_s x_s + C_t exp(cs_t) h_in,
-cs being the in-chunk, in-document cumsum of dt * A. Chunks are Q = 64 steps internally (the result does
-not depend on the chunk size the caller passes). Kernels, each over (batch * heads, chunks) unless noted:
+Per head, with cs the in-chunk, in-document cumsum of dt * A (chunks of Q = chunk_size steps):
+    y_t = sum_{s<=t, same chunk and document} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + exp(cs_t) C_t.h_in[chunk]
+Kernels (grids in brackets; T = cdiv(L, BT) row blocks of a chunk):
 
-  forward   1. chunk states   S_c = sum_s exp(cs_end - cs_s) dt_s x_s B_s^T, the chunk decay, cs
-            2. state passing  h_in[c] for every chunk, the final state      (batch * heads, P*N blocks)
-            3. chunk output   masked (C B^T) @ (dt x) + (C h_in^T) * exp(cs)
-  backward  4. dh_in[c] = (dy * exp(cs))^T C
-            5. reverse state passing: dS_c, d(decay_c), d(initial state)    (batch * heads, P*N blocks)
-            6. everything else for the chunk: dx, d(dt), dA, dB, dC
+  forward  1. _ssd_dt_cumsum_fwd  dt <- clamp(softplus(dt + dt_bias)) in fp32, cs            [b*H, chunks]
+           2. _ssd_state_fwd      chunk states fused with state passing: one program walks the chunks of one
+                                  (head, P block, N block), writes the state entering every chunk (x's
+                                  dtype) and the fp32 final state                             [b*H, P/BP, N/BN]
+           3. _ssd_chunk_scan_fwd C.B^T inside the chunk + C.h_in, then D skip, z gate, cast: y written once
+                                  in its final dtype (and y before the gate, for dz, when z is given) [T, P/BP, b*H]
+  backward 4. _ssd_state_bwd      reverse state passing fused with dh_in = (dy exp(cs))^T C: the gradient
+                                  of every chunk's end state, d(initial state)                [b*H, P/BP, N/BN]
+           5. _ssd_chunk_bwd_dxdb key side (rows s): dx, dt.dx partials, dB summed over the group's heads
+                                  in the program (no atomics, deterministic)                  [T, b*G]
+           6. _ssd_chunk_bwd_dc   query side (rows t): dC summed over the group's heads, dz, D partials [T, b*G]
+           7. _ssd_dt_bwd         d(cumsum) -> d(dt*A) by a reverse in-document cumsum over the whole row,
+                                  then ddt through clamp/softplus/bias, dA and d(dt_bias) per (b, head) [b*H]
 
-With seq_idx, C.B^T terms, decays and state flow between different documents are masked inside the
-exponent (exp(-inf) = 0), and cs restarts at each document start, so isolation is exact.
-Per-head dB/dC are written per head and summed over a group's heads in torch; per-chunk dA partials and
-decay gradients likewise: no atomics, deterministic.
+The gradient of the decays needs no state re-read: treating cs as one cumsum per document,
+    dL/dcs_t = C_t.dC_t - B_t.dB_t (per head) + [t = L-1] <dfinal, final>,
+(the query side scales C_t by exp(cs_t), the key side B_s by exp(-cs_s)), and d(dt*A)_t is its reverse
+cumsum within the document. Kernels 5 and 6 write the two halves, computed from the products they already
+hold (dCB * CB, dV * V, dy * C h_in).
+
+Documents (seq_idx): a state reset is a select (tl.where), never a multiply by 0, and every cross-document
+term is selected away before it meets a dot, so a NaN or inf in one document's state or tokens outside
+the current chunk cannot reach another document. cs restarts at each document start (a segmented scan),
+so a decay never subtracts two sums that hold another document's dt.
+Offsets are int64 (program ids and positions cast before multiplying by strides); no input is copied.
 """
 from __future__ import annotations
 
@@ -25,312 +38,671 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import process_dt
-
 TRITON_SSD_AVAILABLE = True
-Q_CHUNK = 64
-# fp32 dots on tensor cores use TF32 by default (about 1e-3 relative); tests force "ieee"
+CHUNK_SIZES = (64, 128, 256)
+# fp32 dots on tensor cores use TF32 by default (about 1e-3 relative); KERNELS_DOT_PRECISION=ieee for exact fp32
 DOT_PRECISION = os.environ.get("KERNELS_DOT_PRECISION", "tf32")
 
 
+# ------------------------------------------------------------------ elementwise helpers
+
 @triton.jit
-def _chunk_common(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, pid_bh, c, L, H, G, P, N,
-                  sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b,
-                  Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Loads one chunk of one head: x (Q, BP), dt (Q), B, C (Q, BN), the in-document cumsum cs (Q), the
-    same-document causal mask (Q, Q), document ids, the chunk's end index and its incoming document."""
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // (H // G)
-    t = c * Q + tl.arange(0, Q)
-    tm = t < L
-    p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
-    x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :], mask=tm[:, None] & (p[None, :] < P),
-                other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + b * sd_b + t * sd_l + h, mask=tm, other=0.0)
-    Bm = tl.load(B_ptr + b * sb_b + t[:, None] * sb_l + g * sb_g + n[None, :], mask=tm[:, None] & (n[None, :] < N),
-                 other=0.0).to(tl.float32)
-    Cm = tl.load(C_ptr + b * sb_b + t[:, None] * sb_l + g * sb_g + n[None, :], mask=tm[:, None] & (n[None, :] < N),
-                 other=0.0).to(tl.float32)
-    A = tl.load(A_ptr + h)
-    dA = dt * A
-    i = tl.arange(0, Q)
-    causal = i[:, None] >= i[None, :]
-    t_end = tl.minimum(c * Q + Q, L) - 1
+def _log1p(u):
+    """log(1 + u) for u >= 0 without losing small u (Kahan's trick; Triton has no portable log1p)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _dt_raw_to_processed(dt, bias, lo, hi, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """(processed dt, its derivative w.r.t. dt + bias)."""
+    v = dt + bias
+    d = tl.full(v.shape, 1.0, tl.float32)
+    if SOFTPLUS:
+        small = v <= 20.0
+        v = tl.where(small, tl.maximum(v, 0.0) + _log1p(tl.exp(-tl.abs(v))), v)
+        d = tl.where(small, tl.sigmoid(dt + bias), 1.0)
+    if HAS_LIMIT:
+        d = tl.where((v >= lo) & (v <= hi), d, 0.0)
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    return v, d
+
+
+@triton.jit
+def _seg_add(a, a_start, b, b_start):
+    """Segmented sum: b restarts the sum when it starts a segment."""
+    return tl.where(b_start, b, a + b), a_start | b_start
+
+
+@triton.jit
+def _gate(dout_ptr, z_ptr, off_o, off_z, mask, HAS_Z: tl.constexpr):
+    """dy = dout * silu(z) in fp32 (dout when there is no gate), and z (fp32, or 0)."""
+    dy = tl.load(dout_ptr + off_o, mask=mask, other=0.0).to(tl.float32)
+    z = 0.0
+    if HAS_Z:
+        z = tl.load(z_ptr + off_z, mask=mask, other=0.0).to(tl.float32)
+        dy = dy * z * tl.sigmoid(z)
+    return dy, z
+
+
+@triton.jit
+def _own_off(b, t64, h, p, L, H, P):
+    """Offsets into a buffer this module allocates contiguous with shape (batch, L, H, P) (out, y before
+    the gate, dx, dz) or (batch, L, G, N) (dB, dC)."""
+    return ((b * L + t64[:, None]) * H + h) * P + p[None, :]
+
+
+@triton.jit
+def _seq_at(seq_ptr, b, t, L, HAS_SEQ: tl.constexpr):
+    """Document id at positions t (clamped into the row: padding takes the last id); 0 without seq_idx."""
     if HAS_SEQ:
-        tc = tl.minimum(t, L - 1)  # padding steps take the last document id
-        sq = tl.load(seq_ptr + b * ss_b + tc)
-        same = causal & (sq[:, None] == sq[None, :])
-        cs = tl.sum(tl.where(same, dA[None, :], 0.0), axis=1)  # cumsum restarted at document starts
-        seq_end = tl.load(seq_ptr + b * ss_b + t_end)
-        seq_in = tl.load(seq_ptr + b * ss_b + tl.maximum(c * Q - 1, 0))
+        return tl.load(seq_ptr + b * L + tl.minimum(t, L - 1))
+    return tl.zeros(t.shape, dtype=tl.int32)
+
+
+@triton.jit
+def _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ: tl.constexpr):
+    """(cs at the chunk's last step, document the chunk ends in, document of the state entering it)."""
+    t_end = tl.minimum(c * Q + Q, L) - 1
+    cs_end = tl.load(cs_ptr + row * Lp + t_end)
+    if HAS_SEQ:
+        seq_end = tl.load(seq_ptr + b * L + t_end)
+        seq_in = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
     else:
-        sq = tl.zeros((Q,), dtype=tl.int32)
-        same = causal
-        cs = tl.cumsum(dA, 0)
         seq_end = 0
         seq_in = 0
-    return b, h, g, t, tm, p, n, x, dt, Bm, Cm, A, cs, same, sq, t_end, seq_end, seq_in
+    return cs_end, seq_end, seq_in
 
 
-@triton.jit
-def _weight_in(cs, tm, sq, seq_in, HAS_SEQ: tl.constexpr):
-    """exp(cs_t): how the state entering the chunk reaches step t (0 outside its document)."""
-    into = tm
-    if HAS_SEQ:
-        into = into & (sq == seq_in)
-    return tl.exp(tl.where(into, cs, float("-inf")))
-
+# ------------------------------------------------------------------ forward
 
 @triton.jit
-def _weight_end(cs, t, tm, sq, t_end, seq_end, HAS_SEQ: tl.constexpr):
-    """(exp(cs_end - cs_s), cs_end): how step s reaches the chunk's end state (0 outside its document)."""
-    cs_end = tl.sum(tl.where(t == t_end, cs, 0.0), axis=0)
-    keep = tm
-    if HAS_SEQ:
-        keep = keep & (sq == seq_end)
-    return tl.exp(tl.where(keep, cs_end - cs, float("-inf"))), cs_end
-
-
-@triton.jit
-def _ssd_chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, S_ptr, decay_ptr, L, H, G, P, N, NC,
-                         sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b,
-                         Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
-                         PREC: tl.constexpr):
-    pid_bh = tl.program_id(0)
+def _ssd_dt_cumsum_fwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, L, H, Lp, sdt_b, sdt_l, sdt_h,
+                       dt_lo, dt_hi, Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                       HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    b, h, g, t, tm, p, n, x, dt, Bm, Cm, A, cs, same, sq, t_end, seq_end, seq_in = _chunk_common(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, pid_bh, c, L, H, G, P, N,
-        sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b, Q, BP, BN, HAS_SEQ)
-    w_end, cs_end = _weight_end(cs, t, tm, sq, t_end, seq_end, HAS_SEQ)
-    xw = x * (dt * w_end)[:, None]
-    S = tl.dot(tl.trans(xw), Bm, input_precision=PREC)  # (BP, BN)
-    base = (pid_bh * NC + c) * P * N
-    tl.store(S_ptr + base + p[:, None] * N + n[None, :], S, mask=(p[:, None] < P) & (n[None, :] < N))
-    decay = tl.exp(cs_end)
+    b = row // H
+    h = row % H
+    t = c * Q + tl.arange(0, Q)
+    tm = t < L
+    dt = tl.load(dt_ptr + b * sdt_b + t.to(tl.int64) * sdt_l + h * sdt_h, mask=tm, other=0.0).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + h)
+    dt, _ = _dt_raw_to_processed(dt, bias, dt_lo, dt_hi, SOFTPLUS, HAS_LIMIT)
+    dt = tl.where(tm, dt, 0.0)  # padding steps: no decay, no input
+    dA = dt * tl.load(A_ptr + h)
     if HAS_SEQ:
-        decay = tl.where(seq_end == seq_in, decay, 0.0)
-    tl.store(decay_ptr + pid_bh * NC + c, decay)
+        sq = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
+        prev = _seq_at(seq_ptr, b, tl.maximum(t - 1, 0), L, HAS_SEQ)
+        cs, _ = tl.associative_scan((dA, sq != prev), 0, _seg_add)
+    else:
+        cs = tl.cumsum(dA, 0)
+    tl.store(dtp_ptr + row * Lp + t, dt)
+    tl.store(cs_ptr + row * Lp + t, cs)
 
 
 @triton.jit
-def _ssd_state_passing_fwd(S_ptr, decay_ptr, h0_ptr, hin_ptr, final_ptr, PN, NC, BLOCK: tl.constexpr,
-                           HAS_H0: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    km = k < PN
-    h = tl.zeros((BLOCK,), dtype=tl.float32)
+def _ssd_state_fwd(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, h0_ptr, hin_ptr, final_ptr, L, H, G, P, N, Lp, NC, Q,
+                   sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n,
+                   BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // H
+    h = row % H
+    g = h // (H // G)
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    n = tl.program_id(2) * BN + tl.arange(0, BN)
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    pn_off = p[:, None] * N + n[None, :]
+    dot_ty = x_ptr.dtype.element_ty
+    state = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_bh * PN + k, mask=km, other=0.0).to(tl.float32)
+        state = tl.load(h0_ptr + row * P * N + pn_off, mask=pn_mask, other=0.0).to(tl.float32)
     for c in range(0, NC):
-        tl.store(hin_ptr + (pid_bh * NC + c) * PN + k, h, mask=km)
-        d = tl.load(decay_ptr + pid_bh * NC + c)
-        h = d * h + tl.load(S_ptr + (pid_bh * NC + c) * PN + k, mask=km, other=0.0)
-    tl.store(final_ptr + pid_bh * PN + k, h, mask=km)
+        tl.store(hin_ptr + (row * NC + c) * P * N + pn_off, state.to(hin_ptr.dtype.element_ty), mask=pn_mask)
+        cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+        chunk_state = tl.zeros((BP, BN), dtype=tl.float32)
+        for s0 in range(c * Q, tl.minimum(c * Q + Q, L), BS):
+            s = s0 + tl.arange(0, BS)
+            sm = s < L
+            s64 = s.to(tl.int64)
+            x = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                        mask=sm[:, None] & (p[None, :] < P), other=0.0)
+            Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
+                         mask=sm[:, None] & (n[None, :] < N), other=0.0).to(dot_ty)
+            keep = sm & (_seq_at(seq_ptr, b, s, L, HAS_SEQ) == seq_end)
+            cs = tl.load(cs_ptr + row * Lp + s)
+            w = tl.exp(tl.where(keep, cs_end - cs, 0.0)) * tl.load(dtp_ptr + row * Lp + s)
+            xw = tl.where(keep[:, None], x.to(tl.float32) * w[:, None], 0.0).to(dot_ty)
+            chunk_state = tl.dot(tl.trans(xw), Bs, chunk_state, input_precision=PREC)
+        carried = tl.exp(cs_end) * state + chunk_state
+        if HAS_SEQ:
+            carried = tl.where(seq_end == seq_in, carried, chunk_state)  # a new document: reset (select)
+        state = carried
+    tl.store(final_ptr + row * P * N + pn_off, state, mask=pn_mask)
 
 
 @triton.jit
-def _ssd_chunk_scan_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, hin_ptr, y_ptr, L, H, G, P, N, NC,
-                        sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b,
-                        Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
-                        PREC: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    c = tl.program_id(1)
-    b, h, g, t, tm, p, n, x, dt, Bm, Cm, A, cs, same, sq, t_end, seq_end, seq_in = _chunk_common(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, pid_bh, c, L, H, G, P, N,
-        sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b, Q, BP, BN, HAS_SEQ)
-    E = tl.exp(tl.where(same, cs[:, None] - cs[None, :], float("-inf")))
-    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
-    y = tl.dot(CB * E, x * dt[:, None], input_precision=PREC)
-    hin = tl.load(hin_ptr + (pid_bh * NC + c) * P * N + p[:, None] * N + n[None, :],
-                  mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
-    w_in = _weight_in(cs, tm, sq, seq_in, HAS_SEQ)
-    y += tl.dot(Cm, tl.trans(hin), input_precision=PREC) * w_in[:, None]
-    tl.store(y_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :], y, mask=tm[:, None] & (p[None, :] < P))
+def _ssd_chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, D_ptr, out_ptr, ypre_ptr,
+                        L, H, G, P, N, Lp, NC, Q,
+                        sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, sb_b, sb_l, sb_g, sb_n,
+                        sc_b, sc_l, sc_g, sc_n,
+                        BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
+                        HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr):
+    t0 = tl.program_id(0) * BT
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    row = tl.program_id(2).to(tl.int64)
+    b = row // H
+    h = row % H
+    g = h // (H // G)
+    c = t0 // Q
+    dot_ty = x_ptr.dtype.element_ty
+    t = t0 + tl.arange(0, BT)
+    tm = t < L
+    t64 = t.to(tl.int64)
+    n = tl.arange(0, BN)
+    nm = n < N
+    pm = p < P
+    Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
+                 mask=tm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+    cs_t = tl.load(cs_ptr + row * Lp + t)
+    seq_t = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
+    _, _, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+    # the state entering the chunk, read through C, reaches the steps of its own document
+    hin = tl.load(hin_ptr + (row * NC + c) * P * N + p[:, None] * N + n[None, :],
+                  mask=pm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+    into = tm & (seq_t == seq_in)
+    acc = tl.dot(Ct, tl.trans(hin), input_precision=PREC)
+    acc = tl.where(into[:, None], acc * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
+    for s0 in range(c * Q, t0 + BT, BT):
+        s = s0 + tl.arange(0, BT)
+        sm = s < L
+        s64 = s.to(tl.int64)
+        Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
+                     mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+        xs = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                     mask=sm[:, None] & pm[None, :], other=0.0)
+        cs_s = tl.load(cs_ptr + row * Lp + s)
+        dt_s = tl.load(dtp_ptr + row * Lp + s)
+        same = (t[:, None] >= s[None, :]) & sm[None, :] & (seq_t[:, None] == _seq_at(seq_ptr, b, s, L, HAS_SEQ)[None, :])
+        CB = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
+        decay = tl.exp(tl.where(same, cs_t[:, None] - cs_s[None, :], 0.0))
+        M = tl.where(same, CB * decay * dt_s[None, :], 0.0).to(dot_ty)
+        acc = tl.dot(M, xs.to(dot_ty), acc, input_precision=PREC)
+    tp_mask = tm[:, None] & pm[None, :]
+    if HAS_D:
+        xt = tl.load(x_ptr + b * sx_b + t64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=tp_mask, other=0.0)
+        if D_PER_CHANNEL:
+            Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0)
+            acc += Dv[None, :] * xt.to(tl.float32)
+        else:
+            acc += tl.load(D_ptr + h) * xt.to(tl.float32)
+    out_off = _own_off(b, t64, h, p, L, H, P)
+    if HAS_Z:
+        tl.store(ypre_ptr + out_off, acc.to(ypre_ptr.dtype.element_ty), mask=tp_mask)
+        z = tl.load(z_ptr + b * sz_b + t64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p, mask=tp_mask,
+                    other=0.0).to(tl.float32)
+        acc = acc * z * tl.sigmoid(z)
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=tp_mask)
 
+
+# ------------------------------------------------------------------ backward
 
 @triton.jit
-def _ssd_dhin_bwd(dy_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, dhin_ptr, x_ptr, L, H, G, P, N, NC,
-                  sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b,
-                  Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr, PREC: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    c = tl.program_id(1)
-    b, h, g, t, tm, p, n, dy, dt, Bm, Cm, A, cs, same, sq, t_end, seq_end, seq_in = _chunk_common(
-        dy_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, pid_bh, c, L, H, G, P, N,
-        sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b, Q, BP, BN, HAS_SEQ)
-    w_in = _weight_in(cs, tm, sq, seq_in, HAS_SEQ)
-    dhin = tl.dot(tl.trans(dy * w_in[:, None]), Cm, input_precision=PREC)  # (BP, BN)
-    tl.store(dhin_ptr + (pid_bh * NC + c) * P * N + p[:, None] * N + n[None, :], dhin,
-             mask=(p[:, None] < P) & (n[None, :] < N))
-
-
-@triton.jit
-def _ssd_state_passing_bwd(dhin_ptr, hin_ptr, decay_ptr, dfinal_ptr, dS_ptr, ddecay_ptr, dh0_ptr, PN, NC, NBLK,
-                           BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    blk = tl.program_id(1)
-    k = blk * BLOCK + tl.arange(0, BLOCK)
-    km = k < PN
-    G = tl.zeros((BLOCK,), dtype=tl.float32)  # gradient of the state at the end of chunk c
+def _ssd_state_bwd(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, dh0_ptr, L, H, G, P, N, Lp, NC, Q,
+                   sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, sc_b, sc_l, sc_g, sc_n,
+                   BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // H
+    h = row % H
+    g = h // (H // G)
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    n = tl.program_id(2) * BN + tl.arange(0, BN)
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    pn_off = p[:, None] * N + n[None, :]
+    dot_ty = C_ptr.dtype.element_ty
+    grad = tl.zeros((BP, BN), dtype=tl.float32)  # gradient of the state leaving chunk c
     if HAS_DFINAL:
-        G = tl.load(dfinal_ptr + pid_bh * PN + k, mask=km, other=0.0)
+        grad = tl.load(dfinal_ptr + row * P * N + pn_off, mask=pn_mask, other=0.0)
     for ci in range(0, NC):
         c = NC - 1 - ci
-        tl.store(dS_ptr + (pid_bh * NC + c) * PN + k, G, mask=km)
-        hin = tl.load(hin_ptr + (pid_bh * NC + c) * PN + k, mask=km, other=0.0)
-        tl.store(ddecay_ptr + (pid_bh * NC + c) * NBLK + blk, tl.sum(G * hin, axis=0))
-        d = tl.load(decay_ptr + pid_bh * NC + c)
-        G = tl.load(dhin_ptr + (pid_bh * NC + c) * PN + k, mask=km, other=0.0) + d * G
-    tl.store(dh0_ptr + pid_bh * PN + k, G, mask=km)
+        tl.store(dS_ptr + (row * NC + c) * P * N + pn_off, grad.to(dS_ptr.dtype.element_ty), mask=pn_mask)
+        cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+        dhin = tl.zeros((BP, BN), dtype=tl.float32)
+        for s0 in range(c * Q, tl.minimum(c * Q + Q, L), BS):
+            t = s0 + tl.arange(0, BS)
+            tm = t < L
+            t64 = t.to(tl.int64)
+            dy, _ = _gate(dout_ptr, z_ptr, b * sx_b + t64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                          b * sz_b + t64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p,
+                          tm[:, None] & (p[None, :] < P), HAS_Z)
+            Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
+                         mask=tm[:, None] & (n[None, :] < N), other=0.0).to(dot_ty)
+            into = tm & (_seq_at(seq_ptr, b, t, L, HAS_SEQ) == seq_in)
+            w_in = tl.exp(tl.where(into, tl.load(cs_ptr + row * Lp + t), 0.0))
+            dyw = tl.where(into[:, None], dy * w_in[:, None], 0.0).to(dot_ty)
+            dhin = tl.dot(tl.trans(dyw), Ct, dhin, input_precision=PREC)
+        carried = tl.exp(cs_end) * grad + dhin
+        if HAS_SEQ:
+            carried = tl.where(seq_end == seq_in, carried, dhin)
+        grad = carried
+    tl.store(dh0_ptr + row * P * N + pn_off, grad, mask=pn_mask)
 
 
 @triton.jit
-def _ssd_chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, hin_ptr, dy_ptr, dS_ptr, ddecay_ptr, decay_ptr,
-                   dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, L, H, G, P, N, NC,
-                   sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b,
-                   Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr, PREC: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    c = tl.program_id(1)
-    b, h, g, t, tm, p, n, x, dt, Bm, Cm, A, cs, same, sq, t_end, seq_end, seq_in = _chunk_common(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, pid_bh, c, L, H, G, P, N,
-        sx_b, sx_l, sx_h, sd_b, sd_l, sb_b, sb_l, sb_g, ss_b, Q, BP, BN, HAS_SEQ)
-    pm = (p[:, None] < P) & (n[None, :] < N)
-    dy = tl.load(dy_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :],
-                 mask=tm[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)
-    xdt = x * dt[:, None]
-    # 1. inside the chunk: y = (CB * E) @ xdt
-    E = tl.exp(tl.where(same, cs[:, None] - cs[None, :], float("-inf")))
-    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
-    M = CB * E
-    dxdt = tl.dot(tl.trans(M), dy, input_precision=PREC)
-    dM = tl.dot(dy, tl.trans(xdt), input_precision=PREC)
-    dCB = dM * E
-    dseg = dM * CB * E
-    dcs = tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
-    dC = tl.dot(dCB, Bm, input_precision=PREC)
-    dB = tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
-    # 2. the incoming state: y += (C h_in^T) * w_in
-    hin = tl.load(hin_ptr + (pid_bh * NC + c) * P * N + p[:, None] * N + n[None, :], mask=pm, other=0.0)
-    w_in = _weight_in(cs, tm, sq, seq_in, HAS_SEQ)
-    Z = tl.dot(Cm, tl.trans(hin), input_precision=PREC)
-    dC += tl.dot(dy * w_in[:, None], hin, input_precision=PREC)
-    dcs += tl.sum(dy * Z, axis=1) * w_in
-    # 3. the chunk's own end state: S = (xdt * w_end)^T B
-    is_end = t == t_end
-    w_end, cs_end = _weight_end(cs, t, tm, sq, t_end, seq_end, HAS_SEQ)
-    dS = tl.load(dS_ptr + (pid_bh * NC + c) * P * N + p[:, None] * N + n[None, :], mask=pm, other=0.0)
-    BdS = tl.dot(Bm, tl.trans(dS), input_precision=PREC)  # (Q, BP)
-    dxdt += w_end[:, None] * BdS
-    dB += w_end[:, None] * tl.dot(xdt, dS, input_precision=PREC)
-    gw = tl.sum(xdt * BdS, axis=1) * w_end
-    dcs_end = tl.sum(gw, axis=0)
-    dcs -= gw
-    # 4. the chunk decay exp(cs_end) (zero, and without gradient, across a document change)
-    dcs_end += tl.load(ddecay_ptr + pid_bh * NC + c) * tl.load(decay_ptr + pid_bh * NC + c)
-    dcs += tl.where(is_end, dcs_end, 0.0)
-    # 5. through the cumsum to dA = dt * A
-    if HAS_SEQ:
-        ddA = tl.sum(tl.where(same, dcs[:, None], 0.0), axis=0)
-    else:
-        ddA = tl.sum(dcs, axis=0) - tl.cumsum(dcs, 0) + dcs
-    ddA = tl.where(tm, ddA, 0.0)
-    ddt = ddA * A + tl.sum(dxdt * x, axis=1)
-    tl.store(dA_ptr + pid_bh * NC + c, tl.sum(ddA * dt, axis=0))
-    tl.store(dx_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :], dxdt * dt[:, None],
-             mask=tm[:, None] & (p[None, :] < P))
-    tl.store(ddt_ptr + b * sd_b + t * sd_l + h, ddt, mask=tm)
-    # dB, dC per head: (batch, L, H, N), summed over each group's heads in torch
-    off = ((b * L + t[:, None]) * H + h) * N + n[None, :]
-    tl.store(dB_ptr + off, dB, mask=tm[:, None] & (n[None, :] < N))
-    tl.store(dC_ptr + off, dC, mask=tm[:, None] & (n[None, :] < N))
+def _ssd_chunk_bwd_dxdb(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, D_ptr,
+                        dx_ptr, dB_ptr, ddtx_ptr, dcs_ptr, L, H, G, P, N, Lp, NC, Q,
+                        sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, so_p,
+                        sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
+                        BS: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                        HAS_SEQ: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
+                        D_PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
+    """Rows s of one chunk, every head of one group: what flows back to x_s, dt_s (the dt.x part), B_s."""
+    s0 = tl.program_id(0) * BS
+    bg = tl.program_id(1).to(tl.int64)
+    b = bg // G
+    g = bg % G
+    R = H // G
+    c = s0 // Q
+    dot_ty = x_ptr.dtype.element_ty
+    s = s0 + tl.arange(0, BS)
+    sm = s < L
+    s64 = s.to(tl.int64)
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    sp_mask = sm[:, None] & pm[None, :]
+    Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
+                 mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+    seq_s = _seq_at(seq_ptr, b, s, L, HAS_SEQ)
+    t_stop = tl.minimum(c * Q + Q, L)
+    dB = tl.zeros((BS, BN), dtype=tl.float32)
+    for r in range(0, R):
+        h = g * R + r
+        row = b * H + h
+        cs_s = tl.load(cs_ptr + row * Lp + s)
+        dt_s = tl.load(dtp_ptr + row * Lp + s)
+        x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=sp_mask,
+                      other=0.0).to(tl.float32)
+        V = (x_s * dt_s[:, None]).to(dot_ty)
+        # the chunk's end state S = sum_s exp(cs_end - cs_s) V_s B_s^T, whose gradient is dS
+        cs_end, seq_end, _ = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+        keep = sm & (seq_s == seq_end)
+        w_end = tl.exp(tl.where(keep, cs_end - cs_s, 0.0))
+        dS = tl.load(dS_ptr + (row * NC + c) * P * N + p[:, None] * N + n[None, :],
+                     mask=pm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+        dV = tl.where(keep[:, None], tl.dot(Bs, tl.trans(dS), input_precision=PREC) * w_end[:, None], 0.0)
+        dB_h = tl.where(keep[:, None], tl.dot(V, dS, input_precision=PREC) * w_end[:, None], 0.0)
+        dcs = -tl.sum(dV * V.to(tl.float32), axis=1)
+        # inside the chunk: y_t += (C_t.B_s) exp(cs_t - cs_s) V_s for t >= s
+        for t0 in range(s0 - s0 % BT, t_stop, BT):
+            t = t0 + tl.arange(0, BT)
+            tm = t < L
+            t64 = t.to(tl.int64)
+            Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
+                         mask=tm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+            dy, _ = _gate(dout_ptr, z_ptr, b * so_b + t64[:, None] * so_l + h * so_h + p[None, :] * so_p,
+                          b * sz_b + t64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p,
+                          tm[:, None] & pm[None, :], HAS_Z)
+            dy = dy.to(dot_ty)
+            same = (t[None, :] >= s[:, None]) & tm[None, :] & (_seq_at(seq_ptr, b, t, L, HAS_SEQ)[None, :] == seq_s[:, None])
+            decay = tl.where(same, tl.exp(tl.where(same, tl.load(cs_ptr + row * Lp + t)[None, :] - cs_s[:, None], 0.0)),
+                             0.0)
+            CBt = tl.dot(Bs, tl.trans(Ct), input_precision=PREC)  # (BS, BT): B_s.C_t
+            dV = tl.dot((CBt * decay).to(dot_ty), dy, dV, input_precision=PREC)
+            dCBt = tl.dot(V, tl.trans(dy), input_precision=PREC) * decay
+            dB_h = tl.dot(dCBt.to(dot_ty), Ct, dB_h, input_precision=PREC)
+            dcs -= tl.sum(dCBt * CBt, axis=1)
+        dB += dB_h
+        dx = dV * dt_s[:, None]
+        if HAS_D:
+            dy_s, _ = _gate(dout_ptr, z_ptr, b * so_b + s64[:, None] * so_l + h * so_h + p[None, :] * so_p,
+                            b * sz_b + s64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p, sp_mask, HAS_Z)
+            if D_PER_CHANNEL:
+                dx += tl.load(D_ptr + h * P + p, mask=pm, other=0.0)[None, :] * dy_s
+            else:
+                dx += tl.load(D_ptr + h) * dy_s
+        tl.store(dx_ptr + _own_off(b, s64, h, p, L, H, P), dx.to(dx_ptr.dtype.element_ty), mask=sp_mask)
+        tl.store(ddtx_ptr + row * Lp + s, tl.sum(dV * x_s, axis=1), mask=sm)
+        tl.store(dcs_ptr + row * Lp + s, dcs, mask=sm)
+    tl.store(dB_ptr + _own_off(b, s64, g, n, L, G, N), dB.to(dB_ptr.dtype.element_ty), mask=sm[:, None] & nm[None, :])
 
 
-def _geometry(x, B):
-    batch, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
-    BP, BN = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
-    NC = triton.cdiv(L, Q_CHUNK)
-    return batch, L, H, P, G, N, BP, BN, NC
+@triton.jit
+def _ssd_chunk_bwd_dc(x_ptr, z_ptr, dout_ptr, ypre_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr,
+                      dC_ptr, dz_ptr, dD_ptr, dcs_ptr, L, H, G, P, N, Lp, NC, Q,
+                      sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, so_p,
+                      sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
+                      BT: tl.constexpr, BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                      HAS_SEQ: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr):
+    """Rows t of one chunk, every head of one group: what flows back to C_t, z_t, D; the query half of dcs."""
+    pid_t = tl.program_id(0)
+    t0 = pid_t * BT
+    bg = tl.program_id(1).to(tl.int64)
+    b = bg // G
+    g = bg % G
+    R = H // G
+    c = t0 // Q
+    dot_ty = x_ptr.dtype.element_ty
+    t = t0 + tl.arange(0, BT)
+    tm = t < L
+    t64 = t.to(tl.int64)
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm = p < P
+    nm = n < N
+    tp_mask = tm[:, None] & pm[None, :]
+    Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
+                 mask=tm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+    seq_t = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
+    dC = tl.zeros((BT, BN), dtype=tl.float32)
+    for r in range(0, R):
+        h = g * R + r
+        row = b * H + h
+        o_off = b * so_b + t64[:, None] * so_l + h * so_h + p[None, :] * so_p
+        z_off = b * sz_b + t64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p
+        x_off = b * sx_b + t64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p
+        own_off = _own_off(b, t64, h, p, L, H, P)
+        dy, z = _gate(dout_ptr, z_ptr, o_off, z_off, tp_mask, HAS_Z)
+        if HAS_Z:  # out = ypre * silu(z), ypre = y + D x
+            ypre = tl.load(ypre_ptr + own_off, mask=tp_mask, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(z)
+            dout = tl.load(dout_ptr + o_off, mask=tp_mask, other=0.0).to(tl.float32)
+            tl.store(dz_ptr + own_off, (dout * ypre * sg * (1.0 + z * (1.0 - sg))).to(dz_ptr.dtype.element_ty),
+                     mask=tp_mask)
+        if HAS_D:
+            x_t = tl.load(x_ptr + x_off, mask=tp_mask, other=0.0).to(tl.float32)
+            tl.store(dD_ptr + ((b * tl.num_programs(0) + pid_t) * H + h) * P + p, tl.sum(dy * x_t, axis=0), mask=pm)
+        cs_t = tl.load(cs_ptr + row * Lp + t)
+        _, _, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+        into = tm & (seq_t == seq_in)
+        hin = tl.load(hin_ptr + (row * NC + c) * P * N + p[:, None] * N + n[None, :],
+                      mask=pm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+        dyw = tl.where(into[:, None], dy * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
+        dC = tl.dot(dyw.to(dot_ty), hin, dC, input_precision=PREC)
+        dcs = tl.sum(dyw * tl.dot(Ct, tl.trans(hin), input_precision=PREC), axis=1)
+        dy = dy.to(dot_ty)
+        for s0 in range(c * Q, t0 + BT, BS):
+            s = s0 + tl.arange(0, BS)
+            sm = s < L
+            s64 = s.to(tl.int64)
+            Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
+                         mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+            x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                          mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+            V = (x_s * tl.load(dtp_ptr + row * Lp + s)[:, None]).to(dot_ty)
+            same = (t[:, None] >= s[None, :]) & sm[None, :] & (seq_t[:, None] == _seq_at(seq_ptr, b, s, L, HAS_SEQ)[None, :])
+            decay = tl.where(same, tl.exp(tl.where(same, cs_t[:, None] - tl.load(cs_ptr + row * Lp + s)[None, :], 0.0)),
+                             0.0)
+            dCB = tl.dot(dy, tl.trans(V), input_precision=PREC) * decay
+            dC = tl.dot(dCB.to(dot_ty), Bs, dC, input_precision=PREC)
+            dcs += tl.sum(dCB * tl.dot(Ct, tl.trans(Bs), input_precision=PREC), axis=1)
+        key = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0)  # the key half, from _ssd_chunk_bwd_dxdb
+        tl.store(dcs_ptr + row * Lp + t, key + dcs, mask=tm)
+    tl.store(dC_ptr + _own_off(b, t64, g, n, L, G, N), dC.to(dC_ptr.dtype.element_ty), mask=tm[:, None] & nm[None, :])
 
 
-def _strides(x, dt, B, seq):
-    return (x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2),
-            seq.stride(0) if seq is not None else 0)
+@triton.jit
+def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, dcs_ptr, ddtx_ptr, dfin_ptr, ddt_ptr, dA_ptr, dbias_ptr,
+                L, H, Lp, NC, sdt_b, sdt_l, sdt_h, dt_lo, dt_hi,
+                Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr):
+    """d(dt*A)_t = sum of dcs over t' >= t in t's document (walking chunks backwards, each read reversed)."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // H
+    h = row % H
+    A = tl.load(A_ptr + h)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + h)
+    i = tl.arange(0, Q)
+    carry = 0.0
+    dA_acc = 0.0
+    dbias_acc = 0.0
+    for ci in range(0, NC):
+        c = NC - 1 - ci
+        t = c * Q + Q - 1 - i  # reversed: a forward scan over i is a reverse scan over t
+        tm = t < L
+        v = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0)
+        if HAS_DFINAL:  # the final state is exp(cs_{L-1}) times what it collects
+            v += tl.where(t == L - 1, tl.load(dfin_ptr + row), 0.0)
+        if HAS_SEQ:
+            ends = _seq_at(seq_ptr, b, t, L, HAS_SEQ) != _seq_at(seq_ptr, b, t + 1, L, HAS_SEQ)
+            v += tl.where((i == 0) & (ends == 0), carry, 0.0)
+            ddA, _ = tl.associative_scan((v, ends), 0, _seg_add)
+        else:
+            v += tl.where(i == 0, carry, 0.0)
+            ddA = tl.cumsum(v, 0)
+        carry = tl.sum(tl.where(i == Q - 1, ddA, 0.0), axis=0)
+        dtp = tl.load(dtp_ptr + row * Lp + t)
+        ddt = tl.load(ddtx_ptr + row * Lp + t, mask=tm, other=0.0) + A * ddA
+        dA_acc += tl.sum(tl.where(tm, ddA * dtp, 0.0), axis=0)
+        t64 = t.to(tl.int64)
+        raw = tl.load(dt_ptr + b * sdt_b + t64 * sdt_l + h * sdt_h, mask=tm, other=0.0).to(tl.float32)
+        _, d = _dt_raw_to_processed(raw, bias, dt_lo, dt_hi, SOFTPLUS, HAS_LIMIT)
+        draw = tl.where(tm, ddt * d, 0.0)
+        dbias_acc += tl.sum(draw, axis=0)
+        tl.store(ddt_ptr + (b * L + t64) * H + h, draw.to(ddt_ptr.dtype.element_ty), mask=tm)
+    tl.store(dA_ptr + row, dA_acc)
+    tl.store(dbias_ptr + row, dbias_acc)
 
 
-class _SSDCore(torch.autograd.Function):
-    """x (b, L, H, P), dt (b, L, H) fp32 processed, A (H,), B/C (b, L, G, N), h0 (b, H, P, N) or None."""
+# ------------------------------------------------------------------ block sizes
+
+def _pow2(v):
+    return max(16, triton.next_power_of_2(v))
+
+
+def block_config(kernel: str, P: int, N: int, dtype: torch.dtype) -> dict:
+    """Documented heuristic (checked spill-free within 232,448 B of shared memory on sm_90 by compile_specs):
+    row tiles of 64 for the forward and the state passes; the backward chunk kernels hold a whole head
+    (P x N) per program and accumulate over a group's heads, so they take 32-row tiles, and 16-row tiles
+    when fp32 tiles of a 128 x 256 head would not fit."""
+    BP, BN = _pow2(P), _pow2(N)
+    if kernel in ("state_fwd", "state_bwd"):
+        return dict(BS=64, BP=min(BP, 64), BN=min(BN, 64), num_warps=4, num_stages=2)
+    if kernel == "chunk_scan_fwd":
+        return dict(BT=64, BP=min(BP, 64), BN=BN, num_warps=4, num_stages=2)
+    big = BP * BN * (4 if dtype == torch.float32 else 2) > 64 * 1024
+    rows = 16 if big else 32
+    if kernel == "chunk_bwd_dxdb":
+        return dict(BS=rows, BT=rows, BP=BP, BN=BN, num_warps=4, num_stages=1)
+    if kernel == "chunk_bwd_dc":
+        return dict(BT=rows, BS=rows, BP=BP, BN=BN, num_warps=4, num_stages=1)
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+# ------------------------------------------------------------------ launchers and autograd
+
+def _s4(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+class _SSD(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, h0, seq, precision):
-        batch, L, H, P, G, N, BP, BN, NC = _geometry(x, B)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        S = torch.empty(batch * H, NC, P, N, **f32)
-        decay = torch.empty(batch * H, NC, **f32)
-        st = _strides(x, dt, B, seq)
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, seq, Q, softplus, dt_limit, precision):
+        batch, L, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        NC = triton.cdiv(L, Q)
+        Lp = NC * Q
+        dev = x.device
+        f32 = dict(device=dev, dtype=torch.float32)
+        lo, hi = float(dt_limit[0]), float(dt_limit[1])
+        has_limit = lo > 0.0 or hi != float("inf")
         seq_arg = seq if seq is not None else dt
-        common = dict(Q=Q_CHUNK, BP=BP, BN=BN, HAS_SEQ=seq is not None)
-        _ssd_chunk_state_fwd[(batch * H, NC)](x, dt, A, B, C, seq_arg, S, decay, L, H, G, P, N, NC, *st,
-                                              PREC=precision, **common)
-        hin = torch.empty(batch * H, NC, P, N, **f32)
+        dtp = torch.empty(batch * H, Lp, **f32)
+        cs = torch.empty(batch * H, Lp, **f32)
+        _ssd_dt_cumsum_fwd[(batch * H, NC)](
+            dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, cs, L, H, Lp, *dt.stride(),
+            lo, hi if has_limit else 0.0, Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
+            HAS_LIMIT=has_limit, HAS_SEQ=seq is not None)
+        hin = torch.empty(batch * H, NC, P, N, device=dev, dtype=x.dtype)
         final = torch.empty(batch, H, P, N, **f32)
-        block = min(1024, triton.next_power_of_2(P * N))
-        _ssd_state_passing_fwd[(batch * H, triton.cdiv(P * N, block))](
-            S, decay, h0 if h0 is not None else S, hin, final, P * N, NC, BLOCK=block, HAS_H0=h0 is not None)
-        y = torch.empty(batch, L, H, P, **f32)
-        _ssd_chunk_scan_fwd[(batch * H, NC)](x, dt, A, B, C, seq_arg, hin, y, L, H, G, P, N, NC, *st,
-                                             PREC=precision, **common)
-        ctx.save_for_backward(x, dt, A, B, C, seq, hin, decay)
-        ctx.has_h0, ctx.precision = h0 is not None, precision
-        return y, final
+        cfg = block_config("state_fwd", P, N, x.dtype)
+        _ssd_state_fwd[(batch * H, triton.cdiv(P, cfg["BP"]), triton.cdiv(N, cfg["BN"]))](
+            x, B, dtp, cs, seq_arg, h0 if h0 is not None else final, hin, final, L, H, G, P, N, Lp, NC, Q,
+            *_s4(x), *_s4(B), HAS_SEQ=seq is not None, HAS_H0=h0 is not None, PREC=precision, **cfg)
+        out = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
+        ypre = torch.empty_like(out) if z is not None else out
+        cfg = block_config("chunk_scan_fwd", P, N, x.dtype)
+        zz = z if z is not None else x
+        _ssd_chunk_scan_fwd[(triton.cdiv(L, cfg["BT"]), triton.cdiv(P, cfg["BP"]), batch * H)](
+            x, zz, B, C, dtp, cs, seq_arg, hin, D if D is not None else A, out, ypre,
+            L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(zz), *_s4(B), *_s4(C),
+            HAS_SEQ=seq is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
+            HAS_Z=z is not None, PREC=precision, **cfg)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre if z is not None else None,
+                              final)
+        ctx.meta = (Q, softplus, lo, hi, has_limit, precision, h0 is not None)
+        return out, final
 
     @staticmethod
-    def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, seq, hin, decay = ctx.saved_tensors
-        batch, L, H, P, G, N, BP, BN, NC = _geometry(x, B)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        dy = dy.contiguous().float()
-        if dy.stride() != x.stride():
-            raise RuntimeError("internal: dy must share x's contiguous layout")
-        st = _strides(x, dt, B, seq)
+    def backward(ctx, dout, dfinal):
+        x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre, final = ctx.saved_tensors
+        Q, softplus, lo, hi, has_limit, precision, has_h0 = ctx.meta
+        batch, L, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        NC = triton.cdiv(L, Q)
+        Lp = NC * Q
+        dev = x.device
+        f32 = dict(device=dev, dtype=torch.float32)
         seq_arg = seq if seq is not None else dt
-        common = dict(Q=Q_CHUNK, BP=BP, BN=BN, HAS_SEQ=seq is not None, PREC=ctx.precision)
-        dhin = torch.empty(batch * H, NC, P, N, **f32)
-        _ssd_dhin_bwd[(batch * H, NC)](dy, dt, A, B, C, seq_arg, dhin, x, L, H, G, P, N, NC, *st, **common)
-        block = min(1024, triton.next_power_of_2(P * N))
-        nblk = triton.cdiv(P * N, block)
-        dS = torch.empty(batch * H, NC, P, N, **f32)
-        ddecay = torch.empty(batch * H, NC, nblk, **f32)
+        zz = z if z is not None else x
+        if dout is None:
+            dout = torch.zeros_like(x)
+        dfinal = dfinal.float().contiguous() if dfinal is not None else None
+        # 4. gradient of every chunk's end state (x's dtype) and of the initial state
+        dS = torch.empty_like(hin)
         dh0 = torch.empty(batch, H, P, N, **f32)
-        _ssd_state_passing_bwd[(batch * H, nblk)](
-            dhin, hin, decay, dfinal.contiguous() if dfinal is not None else dhin, dS, ddecay, dh0, P * N, NC, nblk,
-            BLOCK=block, HAS_DFINAL=dfinal is not None)
-        ddecay = ddecay.sum(-1).contiguous()
-        dx = torch.empty(batch, L, H, P, **f32)
-        ddt = torch.empty(batch, L, H, **f32)
-        dA = torch.empty(batch * H, NC, **f32)
-        dBh = torch.empty(batch, L, H, N, **f32)
-        dCh = torch.empty(batch, L, H, N, **f32)
-        _ssd_chunk_bwd[(batch * H, NC)](x, dt, A, B, C, seq_arg, hin, dy, dS, ddecay, decay, dx, ddt, dA, dBh, dCh,
-                                        L, H, G, P, N, NC, *st, **common)
-        dB = dBh.view(batch, L, G, H // G, N).sum(3)
-        dC = dCh.view(batch, L, G, H // G, N).sum(3)
-        return (dx.to(x.dtype), ddt, dA.view(batch, H, NC).sum((0, 2)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                dh0 if ctx.has_h0 else None, None, None)
+        cfg = block_config("state_bwd", P, N, x.dtype)
+        _ssd_state_bwd[(batch * H, triton.cdiv(P, cfg["BP"]), triton.cdiv(N, cfg["BN"]))](
+            dout, zz, C, cs, seq_arg, dfinal if dfinal is not None else dh0, dS, dh0, L, H, G, P, N, Lp, NC, Q,
+            *_s4(dout), *_s4(zz), *_s4(C), HAS_SEQ=seq is not None, HAS_Z=z is not None,
+            HAS_DFINAL=dfinal is not None, PREC=precision, **cfg)
+        # 5. key side
+        dx = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
+        dB = torch.empty(batch, L, G, N, device=dev, dtype=B.dtype)
+        ddtx = torch.empty(batch * H, Lp, **f32)
+        dcs = torch.empty(batch * H, Lp, **f32)
+        cfg = block_config("chunk_bwd_dxdb", P, N, x.dtype)
+        _ssd_chunk_bwd_dxdb[(triton.cdiv(L, cfg["BS"]), batch * G)](
+            x, zz, dout, B, C, dtp, cs, seq_arg, dS, D if D is not None else A, dx, dB, ddtx, dcs,
+            L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(zz), *_s4(dout), *_s4(B), *_s4(C),
+            HAS_SEQ=seq is not None, HAS_Z=z is not None, HAS_D=D is not None,
+            D_PER_CHANNEL=D is not None and D.dim() == 2, PREC=precision, **cfg)
+        # 6. query side
+        dC = torch.empty(batch, L, G, N, device=dev, dtype=C.dtype)
+        dz = torch.empty(batch, L, H, P, device=dev, dtype=z.dtype) if z is not None else None
+        cfg = block_config("chunk_bwd_dc", P, N, x.dtype)
+        n_t = triton.cdiv(L, cfg["BT"])
+        dD_part = torch.empty(batch * n_t, H, P, **f32) if D is not None else dcs
+        _ssd_chunk_bwd_dc[(n_t, batch * G)](
+            x, zz, dout, ypre if ypre is not None else x, B, C, dtp, cs, seq_arg, hin, dC,
+            dz if dz is not None else dx, dD_part, dcs, L, H, G, P, N, Lp, NC, Q,
+            *_s4(x), *_s4(zz), *_s4(dout), *_s4(B), *_s4(C),
+            HAS_SEQ=seq is not None, HAS_Z=z is not None, HAS_D=D is not None, PREC=precision, **cfg)
+        # 7. decays, dt, A, dt_bias
+        ddt = torch.empty(batch, L, H, device=dev, dtype=dt.dtype)
+        dA_part = torch.empty(batch * H, **f32)
+        dbias_part = torch.empty(batch * H, **f32)
+        dfin_dot = (dfinal * final).sum((-1, -2)).reshape(-1) if dfinal is not None else dA_part
+        _ssd_dt_bwd[(batch * H,)](
+            dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, dcs, ddtx, dfin_dot, ddt, dA_part,
+            dbias_part, L, H, Lp, NC, *dt.stride(), lo, hi if has_limit else 0.0,
+            Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, HAS_LIMIT=has_limit,
+            HAS_SEQ=seq is not None, HAS_DFINAL=dfinal is not None)
+        dA = dA_part.view(batch, H).sum(0).to(A.dtype)
+        dD = None
+        if D is not None:
+            dD = dD_part.sum(0)
+            dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
+        dbias = dbias_part.view(batch, H).sum(0).to(dt_bias.dtype) if dt_bias is not None else None
+        return (dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 if has_h0 else None) + (None,) * 5
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
                dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, precision=None):
-    """Inputs already validated. Same contract as mamba_chunk_scan_combined."""
-    dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit).contiguous()
+    """Inputs already validated by mamba_chunk_scan_combined (same contract). Tensors go to the kernels
+    with their strides and dtypes; only the (heads,)-sized A, D, dt_bias become fp32, seq_idx int32."""
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the triton backend, got {chunk_size!r}")
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-    h0 = initial_states.float().contiguous() if initial_states is not None else None
-    y, final = _SSDCore.apply(x.contiguous(), dtp, A.float().contiguous(), B.contiguous(), C.contiguous(), h0, seq,
-                              precision or DOT_PRECISION)
-    if D is not None:
-        y = y + (D[:, None] if D.dim() == 1 else D) * x
-    if z is not None:
-        y = y * torch.nn.functional.silu(z.float())
-    y = y.to(x.dtype)
-    return (y, final) if return_final_states else y
+    h0 = initial_states.contiguous() if initial_states is not None else None
+    D32 = D.float().contiguous() if D is not None else None
+    bias32 = dt_bias.float() if dt_bias is not None else None
+    out, final = _SSD.apply(x, dt, A.float(), B, C, D32, z, bias32, h0, seq, chunk_size, bool(dt_softplus),
+                            tuple(dt_limit), precision or DOT_PRECISION)
+    return (out, final) if return_final_states else out
+
+
+# ------------------------------------------------------------------ what the launcher can compile
+
+_FP32_PTRS = {"A_ptr", "bias_ptr", "D_ptr", "dtp_ptr", "cs_ptr", "final_ptr", "dfinal_ptr", "dh0_ptr", "h0_ptr",
+              "ddtx_ptr", "dcs_ptr", "dD_ptr", "dfin_ptr", "dA_ptr", "dbias_ptr"}
+_KERNEL_FLAGS = {  # kernel name -> (fn, block-config name or None, feature flags)
+    "dt_cumsum_fwd": (_ssd_dt_cumsum_fwd, None, ("HAS_BIAS", "SOFTPLUS", "HAS_LIMIT", "HAS_SEQ")),
+    "state_fwd": (_ssd_state_fwd, "state_fwd", ("HAS_SEQ", "HAS_H0")),
+    "chunk_scan_fwd": (_ssd_chunk_scan_fwd, "chunk_scan_fwd", ("HAS_SEQ", "HAS_D", "D_PER_CHANNEL", "HAS_Z")),
+    "state_bwd": (_ssd_state_bwd, "state_bwd", ("HAS_SEQ", "HAS_Z", "HAS_DFINAL")),
+    "chunk_bwd_dxdb": (_ssd_chunk_bwd_dxdb, "chunk_bwd_dxdb", ("HAS_SEQ", "HAS_Z", "HAS_D", "D_PER_CHANNEL")),
+    "chunk_bwd_dc": (_ssd_chunk_bwd_dc, "chunk_bwd_dc", ("HAS_SEQ", "HAS_Z", "HAS_D")),
+    "dt_bwd": (_ssd_dt_bwd, None, ("HAS_BIAS", "SOFTPLUS", "HAS_LIMIT", "HAS_SEQ", "HAS_DFINAL")),
+}
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _signature(fn, constexprs, dtype):
+    sig = {}
+    for a in fn.arg_names:
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a == "seq_ptr":
+            sig[a] = "*i32"
+        elif a.endswith("_ptr"):
+            sig[a] = "*fp32" if a in _FP32_PTRS else "*" + _TRITON_TYPES[dtype]
+        elif a in ("dt_lo", "dt_hi"):
+            sig[a] = "fp32"
+        else:
+            sig[a] = "i32"
+    return sig
+
+
+def compile_specs(headdims=(64, 128), dstates=(64, 128, 256), dtypes=(torch.bfloat16, torch.float32),
+                  chunk_sizes=CHUNK_SIZES, precision="tf32"):
+    """One entry per distinct compilation the launcher can pick: kernel x block config x dtype x feature set
+    (all on / all off). Block configs depend on (headdim, dstate, dtype) through block_config; the chunk size
+    is a runtime argument (Q) except for the two per-step dt kernels, where it is the block (constexpr).
+    Inputs and outputs of one dtype (dt too); states, dt and cumsum scratch fp32 as the launcher allocates."""
+    specs, seen = [], set()
+    for dtype in dtypes:
+        for name, (fn, cfg_name, flags) in _KERNEL_FLAGS.items():
+            for on in (True, False):
+                variants = []
+                if cfg_name is None:
+                    variants = [(f"Q{q}", dict(Q=q), dict(num_warps=4, num_stages=1)) for q in chunk_sizes]
+                else:
+                    for P in headdims:
+                        for N in dstates:
+                            cfg = dict(block_config(cfg_name, P, N, dtype))
+                            launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+                            if "PREC" in fn.arg_names:
+                                cfg["PREC"] = precision
+                            variants.append((f"P{P}-N{N}", cfg, launch))
+                for label, const, launch in variants:
+                    const = dict(const, **{f: on for f in flags})
+                    key = (name, dtype, tuple(sorted(const.items())), tuple(launch.items()))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    sig = _signature(fn, const, dtype)
+                    aligned = [a for a, ty in sig.items() if ty.startswith("*")]
+                    aligned += [a for a in ("P", "N", "Lp", "sx_b", "sx_l", "sz_b", "sz_l", "so_b", "so_l", "sb_b",
+                                            "sc_b") if a in sig]
+                    specs.append(dict(name=f"{name}[{_TRITON_TYPES[dtype]} {label} {'all-on' if on else 'all-off'}]",
+                                      fn=fn, signature=sig, constexprs=const, divisible_by_16=aligned, **launch))
+    return specs

@@ -114,9 +114,16 @@ class MambaText(nn.Module):
         return self.head(self.norms[-1](h))
 
 
+MODELS = {"conv": ConvText, "lstm": LSTMText, "transformer": TransformerText,
+          "mamba": lambda **k: MambaText(version=1, **k), "mamba2": lambda **k: MambaText(version=2, **k)}
+POSITIVE_INT_ARGS = ("ch", "layers", "ks", "heads", "d_state", "headdim", "chunk_size", "max_len")
+
+
 def build_model(kind: str, **kw) -> nn.Module:
-    kinds = {"conv": ConvText, "lstm": LSTMText, "transformer": TransformerText,
-             "mamba": lambda **k: MambaText(version=1, **k), "mamba2": lambda **k: MambaText(version=2, **k)}
-    if kind not in kinds:
-        raise ValueError(f"model must be one of {', '.join(kinds)}, got {kind!r}")
-    return kinds[kind](**kw)
+    if kind not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {kind!r}")
+    for key in POSITIVE_INT_ARGS:
+        v = kw.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"model_args {key} must be an integer >= 1, got {v!r}")
+    return MODELS[kind](**kw)

@@ -7,13 +7,19 @@
     python -m seqtasks.run --list                                     # presets
 
 Writes runs/seqtasks/<time>_<names>/: results.json, results.md (the seeds' column layout) and
-curves.png (validation mask error and sample error against steps).
+curves.png (validation mask error and sample error against steps). Every config is checked (values,
+task, whether the task's sample space holds the validation set, model) before the folder is created;
+results.json is rewritten atomically after every evaluation, so an interrupted run (Ctrl-C, SIGTERM)
+keeps its curve; each result's "status" says completed, interrupted or diverged.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import re
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .models import build_model
-from .tasks import TASKS, Dataset, encode
+from .models import MODELS, build_model
+from .tasks import TASKS, Dataset, Task, encode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,34 +109,106 @@ def evaluate(model, data, batch_size=500):
     return dict(val_loss=loss_sum / tokens, mask_error=100 * wrong_chars / mask_chars, sample_error=100 * wrong_samples / n)
 
 
-def train(cfg: Config, progress: bool = True) -> dict:
-    from tqdm import tqdm
+def validate_config(cfg: Config) -> None:
+    """ValueError naming the config and the field, for every value train() would trip over."""
+    def check(cond, msg):
+        if not cond:
+            raise ValueError(f"config {cfg.name!r}: {msg}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    check(isinstance(cfg.name, str) and cfg.name.strip() != "", f"name must be a non-empty string, got {cfg.name!r}")
+    check(cfg.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    check(cfg.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
+    for key in ("task_args", "model_args"):
+        check(isinstance(getattr(cfg, key), dict), f"{key} must be a dict, got {getattr(cfg, key)!r}")
+    for key in ("steps", "batch_size", "eval_every", "num_val"):
+        v = getattr(cfg, key)
+        check(is_int(v) and v >= 1, f"{key} must be an integer >= 1, got {v!r}")
+    for key in ("full_steps", "warmup"):
+        v = getattr(cfg, key)
+        check(is_int(v) and v >= 0, f"{key} must be an integer >= 0, got {v!r}")
+    check(is_int(cfg.seed), f"seed must be an integer, got {cfg.seed!r}")
+    check(is_real(cfg.lr) and cfg.lr > 0, f"lr must be a finite number > 0, got {cfg.lr!r}")
+    check(is_real(cfg.weight_decay) and cfg.weight_decay >= 0,
+          f"weight_decay must be a finite number >= 0, got {cfg.weight_decay!r}")
+
+
+def prepare_run(cfg: Config) -> tuple[Task, Dataset, torch.nn.Module]:
+    """Everything a run needs, checked before any training or output: the config, the task and whether
+    its sample space holds the validation set, and the model (built and run once on two samples)."""
+    validate_config(cfg)
+    try:
+        task = TASKS[cfg.task](**cfg.task_args)
+        data = Dataset(task, cfg.num_val, cfg.seed)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config {cfg.name!r}: task {cfg.task!r} with task_args {cfg.task_args}: {e}") from None
     torch.manual_seed(cfg.seed)
-    task = TASKS[cfg.task](**cfg.task_args)
-    data = Dataset(task, cfg.num_val, cfg.seed)
-    model = build_model(cfg.model, **cfg.model_args)
+    try:
+        model = build_model(cfg.model, **cfg.model_args)
+        with torch.no_grad():
+            model(encode(data.val[:2])[0])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"config {cfg.name!r}: model {cfg.model!r} with model_args {cfg.model_args}: {e}") from None
+    return task, data, model
+
+
+def train(cfg: Config, progress: bool = True, prepared=None, on_eval=None) -> dict:
+    """Train and evaluate one config. The result's "status" is "completed", "diverged" (a non-finite
+    training loss stops the run) or "interrupted" (Ctrl-C / SIGTERM); on_eval(result) is called after
+    every evaluation with the result so far (status "running")."""
+    from tqdm import tqdm
+    task, data, model = prepared or prepare_run(cfg)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     curve = []
+    result = dict(config=asdict(cfg), task=task.describe(), params=params, status="running", steps_done=0, curve=curve)
     t0 = time.perf_counter()
+
+    def update(status):
+        seconds = time.perf_counter() - t0  # includes the evaluations, as the seeds' train times do
+        final = curve[-1] if curve else {}
+        result.update(status=status, train_minutes=seconds / 60,
+                      throughput=result["steps_done"] * cfg.batch_size / max(seconds, 1e-9),
+                      **{k: final.get(k) for k in ("val_loss", "mask_error", "sample_error")})
+
     bar = tqdm(range(cfg.steps), desc=cfg.name, disable=not progress, mininterval=2)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        inputs, targets, _ = encode(data.train_samples(cfg.batch_size))
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            m = evaluate(model, data)
-            curve.append(dict(step=step + 1, train_loss=loss.item(), **m))
-            bar.set_postfix(loss=f"{loss.item():.4f}", mask_err=f"{m['mask_error']:.2f}%",
-                            sample_err=f"{m['sample_error']:.2f}%")
-    seconds = time.perf_counter() - t0  # includes the evaluations, as the seeds' train times do
-    final = curve[-1]
-    return dict(config=asdict(cfg), task=task.describe(), params=params, curve=curve, train_minutes=seconds / 60,
-                throughput=cfg.steps * cfg.batch_size / seconds, **{k: final[k] for k in ("val_loss", "mask_error", "sample_error")})
+    try:
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            inputs, targets, _ = encode(data.train_samples(cfg.batch_size))
+            loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+            if not math.isfinite(loss.item()):
+                result["diverged_at_step"] = step + 1
+                print(f"{cfg.name}: training loss is {loss.item()} at step {step + 1}: diverged, stopping this run")
+                update("diverged")
+                return result
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            result["steps_done"] = step + 1
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                m = evaluate(model, data)
+                curve.append(dict(step=step + 1, train_loss=loss.item(), **m))
+                bar.set_postfix(loss=f"{loss.item():.4f}", mask_err=f"{m['mask_error']:.2f}%",
+                                sample_err=f"{m['sample_error']:.2f}%")
+                update("running")
+                if on_eval is not None:
+                    on_eval(result)
+    except KeyboardInterrupt:
+        update("interrupted")
+        return result
+    update("completed")
+    return result
+
+
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def markdown(results: list[dict]) -> str:
@@ -142,9 +220,10 @@ def markdown(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         ma = r["config"]["model_args"]
-        row = [r["config"]["name"], *[str(r["task"].get(k, "")) for k in task_keys], r["config"]["model"],
-               *[str(ma.get(k, "")) for k in model_keys], f"{r['val_loss']:.6g}", f"{r['mask_error']:.4f}",
-               f"{r['sample_error']:.4f}", f"{r['params']:,}", f"{r['train_minutes']:.2f}", f"{r['throughput']:,.0f}/s"]
+        name = r["config"]["name"] + ("" if r["status"] == "completed" else f" ({r['status']} at step {r['steps_done']})")
+        row = [name, *[str(r["task"].get(k, "")) for k in task_keys], r["config"]["model"],
+               *[str(ma.get(k, "")) for k in model_keys], fmt(r["val_loss"], ".6g"), fmt(r["mask_error"], ".4f"),
+               fmt(r["sample_error"], ".4f"), f"{r['params']:,}", f"{r['train_minutes']:.2f}", f"{r['throughput']:,.0f}/s"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -163,25 +242,65 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel(key)
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        if any(r["curve"] for r in results):
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Temporary file, fsync, rename: a crash or a full disk never leaves a truncated file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def new_run_dir(parent: Path, names: str) -> Path:
+    """A fresh folder <time>_<names>[_N]; mkdir is atomic, so two runs started together never share one."""
+    stem = time.strftime("%Y%m%d-%H%M%S") + "_" + re.sub(r"[^A-Za-z0-9._+-]", "_", names)[:80]
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        path = parent / (stem if i == 1 else f"{stem}_{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"999 run folders named {stem}* already exist in {parent}")
 
 
 def load_config(path: str) -> list[Config]:
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-        raw = yaml.safe_load(text)
-    else:
-        raw = json.loads(text)
+    import yaml
+    try:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise SystemExit(f"cannot read config {path}: {e}") from None
     raw = raw if isinstance(raw, list) else [raw]
     known = set(Config.__dataclass_fields__)
     for r in raw:
+        if not isinstance(r, dict):
+            raise SystemExit(f"{path}: each config must be a mapping of keys to values, got {r!r}")
         unknown = set(r) - known
         if unknown:
             raise SystemExit(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
     return [Config(**r) for r in raw]
+
+
+def json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"ch\": 32}}', got {text!r}")
+    return value
 
 
 def main(argv=None):
@@ -197,8 +316,8 @@ def main(argv=None):
     for f in ("steps", "batch_size", "eval_every", "num_val", "seed", "warmup"):
         ap.add_argument(f"--{f}", type=int)
     ap.add_argument("--lr", type=float)
-    ap.add_argument("--task_args", type=json.loads, help="JSON dict")
-    ap.add_argument("--model_args", type=json.loads, help="JSON dict")
+    ap.add_argument("--task_args", type=json_dict, help="JSON dict")
+    ap.add_argument("--model_args", type=json_dict, help="JSON dict")
     args = ap.parse_args(argv)
     if args.list:
         for name, c in PRESETS.items():
@@ -219,22 +338,39 @@ def main(argv=None):
     if args.full:
         configs = [Config(**{**asdict(c), "steps": c.full_steps or c.steps,
                              "eval_every": max(c.eval_every, (c.full_steps or c.steps) // 50)}) for c in configs]
-    for c in configs:
-        if c.task not in TASKS:
-            raise SystemExit(f"task must be one of {', '.join(TASKS)}, got {c.task!r}")
-    out = Path(args.out) / (time.strftime("%Y%m%d-%H%M%S") + "_" + "+".join(c.name for c in configs)[:80])
-    out.mkdir(parents=True, exist_ok=False)
+    try:  # every config is checked, and its task and model built, before a folder is created
+        prepared = [prepare_run(c) for c in configs]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    out = new_run_dir(Path(args.out), "+".join(c.name for c in configs))
     results = []
-    for c in configs:
-        results.append(train(c, progress=not args.no_progress))
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    def save(current=None):
+        write_atomic(out / "results.json", json.dumps(results + ([current] if current else []), indent=1))
+
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        for c, p in zip(configs, prepared):
+            results.append(train(c, progress=not args.no_progress, prepared=p, on_eval=save))
+            save()
+            if results[-1]["status"] == "interrupted":
+                print(f"interrupted: results so far kept in {out}")
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     table = markdown(results)
-    (out / "results.md").write_text(table + "\n")
+    write_atomic(out / "results.md", table + "\n")
     plot(results, out / "curves.png")
     print(table)
     print(f"\nwrote {out}/results.json, results.md, curves.png")
     return results
 
 
+def raise_keyboard_interrupt(signum, frame):
+    """SIGTERM ends a run as Ctrl-C does: what was measured is written, marked interrupted."""
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    main()
+    if any(r["status"] != "completed" for r in main()):
+        raise SystemExit(130)  # interrupted or diverged: the outputs are written, but the run is not complete

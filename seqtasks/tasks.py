@@ -24,6 +24,21 @@ VOWELS = set("aeiou")
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "devil_jargon.txt"
 
 
+def check_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+
+
+def int_range(name: str, v) -> tuple[int, int]:
+    """An int n -> (n, n); a [min, max] pair -> (min, max)."""
+    pair = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(v, (list, tuple)) else ()
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an integer or a [min, max] pair, got {v!r}")
+    for x in pair:
+        check_int(name, x)
+    return pair
+
+
 @dataclass
 class Sample:
     text: str  # full string, fixed length for the task
@@ -45,6 +60,8 @@ class SelectiveCopy(Task):
     name = "selcopy"
 
     def __init__(self, num_items: int = 10, area: int = 40, letters: str = LETTERS):
+        check_int("num_items", num_items)
+        check_int("area", area)
         if not 1 <= num_items <= area:
             raise ValueError(f"num_items must be in [1, area={area}], got {num_items}")
         if num_items > len(letters):
@@ -98,13 +115,16 @@ class VerySelectiveCopy(Task):
     name = "vselcopy"
 
     def __init__(self, num_items=(2, 5), num_ops=(1, 5), ops="swap,remove,insert"):
-        self.items_range = (num_items, num_items) if isinstance(num_items, int) else tuple(num_items)
-        self.ops_range = (num_ops, num_ops) if isinstance(num_ops, int) else tuple(num_ops)
-        self.kinds = [o.strip() for o in ops.split(",") if o.strip()]
+        self.items_range, self.ops_range = int_range("num_items", num_items), int_range("num_ops", num_ops)
+        self.kinds = [o.strip() for o in ops.split(",") if o.strip()] if isinstance(ops, str) else []
         if not set(self.kinds) <= {"swap", "remove", "insert"} or not self.kinds:
             raise ValueError(f"ops must be a comma list of swap, remove, insert; got {ops!r}")
+        if self.kinds == ["insert"]:
+            raise ValueError("ops 'insert' needs 'remove' too (an insert pops what a remove pushed)")
         if not 1 <= self.items_range[0] <= self.items_range[1] <= 9:
             raise ValueError(f"num_items must be within 1..9 (single-digit positions), got {num_items}")
+        if not 1 <= self.ops_range[0] <= self.ops_range[1]:
+            raise ValueError(f"num_ops must be >= 1 (a number or a [min, max] range), got {num_ops}")
         n, k = self.items_range[1], self.ops_range[1]
         # items ": " ops (each <= 3 chars, ", " between) ": " answer (<= n)
         self.seq_len = n + 2 + (3 * k + 2 * (k - 1)) + 2 + n
@@ -117,6 +137,8 @@ class VerySelectiveCopy(Task):
             choices.append("remove")
         if "insert" in self.kinds and stack_len > 0:
             choices.append("insert")
+        if not choices:  # e.g. remove-only once one item is left: the program ends early
+            return None
         kind = rng.choice(choices)
         if kind == "swap":
             a, b = rng.sample(range(1, mem_len + 1), 2)
@@ -130,9 +152,10 @@ class VerySelectiveCopy(Task):
         items = "".join(rng.sample(LETTERS, n))
         ops, mem_len, stack_len = [], n, 0
         for _ in range(rng.randint(*self.ops_range)):
-            if "swap" not in self.kinds and mem_len < 2 and stack_len == 0:
+            step = self._op(rng, mem_len, stack_len)
+            if step is None:
                 break
-            op, dm, ds = self._op(rng, mem_len, stack_len)
+            op, dm, ds = step
             ops.append(op)
             mem_len, stack_len = mem_len + dm, stack_len + ds
         question = f"{items}: {', '.join(ops)}: "
@@ -166,6 +189,11 @@ class PigLatin(Task):
     name = "piglatin"
 
     def __init__(self, max_len: int = 12, val_fraction: float = 0.1, seed: int = 0):
+        check_int("max_len", max_len)
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (words have at least 2 letters), got {max_len}")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         words = corpus_words(max_len)
         rng = random.Random(seed)
         rng.shuffle(words)
@@ -190,31 +218,62 @@ TASKS = {"selcopy": SelectiveCopy, "vselcopy": VerySelectiveCopy, "piglatin": Pi
 
 
 class Dataset:
-    """A fixed validation set and an endless training stream that never yields a validation string."""
+    """A fixed validation set and an endless training stream that never yields a validation string.
+
+    The task's sample space must hold the validation set with room to spare: num_val distinct samples
+    must turn up within VAL_DRAWS_PER_SAMPLE * num_val draws, and at least MIN_FRESH_FRACTION of
+    fresh draws must fall outside the validation set (checked on PROBE_DRAWS draws). Otherwise
+    ValueError, before any training, instead of a training stream that can never fill a batch."""
+
+    VAL_DRAWS_PER_SAMPLE = 20
+    PROBE_DRAWS = 2000
+    MIN_FRESH_FRACTION = 0.5
 
     def __init__(self, task: Task, num_val: int = 1000, seed: int = 0):
+        check_int("num_val", num_val)
+        if num_val < 1:
+            raise ValueError(f"num_val must be >= 1, got {num_val}")
         self.task = task
         rng = random.Random(10_000 + seed)
-        if isinstance(task, PigLatin):
+        if isinstance(task, PigLatin):  # held out by word, so training never meets a validation word
             self.val = task.validation(num_val, rng)
         else:
             seen, self.val = set(), []
-            for _ in range(num_val * 20):
+            for _ in range(num_val * self.VAL_DRAWS_PER_SAMPLE):
                 s = task.sample(rng)
                 if s.text not in seen:
                     seen.add(s.text)
                     self.val.append(s)
                 if len(self.val) == num_val:
                     break
+            if len(self.val) < num_val:
+                raise ValueError(
+                    f"task {task.name} {task.describe()} gave only {len(self.val)} distinct samples in "
+                    f"{num_val * self.VAL_DRAWS_PER_SAMPLE} draws, fewer than num_val={num_val}: its sample space "
+                    f"cannot hold the validation set and leave fresh training samples. Lower num_val (to at most "
+                    f"{len(self.val) // 2}) or enlarge the task (task_args)")
         self.val_texts = {s.text for s in self.val}
+        probe = random.Random(20_000 + seed)
+        fresh = sum(task.sample(probe).text not in self.val_texts for _ in range(self.PROBE_DRAWS))
+        if fresh < self.MIN_FRESH_FRACTION * self.PROBE_DRAWS:
+            raise ValueError(
+                f"task {task.name} {task.describe()}: the {len(self.val)} validation samples cover "
+                f"{1 - fresh / self.PROBE_DRAWS:.0%} of what the task draws (at most "
+                f"{1 - self.MIN_FRESH_FRACTION:.0%} allowed), so training would mostly redraw held-out strings. "
+                f"Lower num_val or enlarge the task (task_args)")
         self.rng = random.Random(seed)
 
     def train_samples(self, n: int) -> list[Sample]:
-        out = []
+        out, rejected = [], 0
         while len(out) < n:
             s = self.task.sample(self.rng)
             if s.text not in self.val_texts:  # held-out strings never reach training
                 out.append(s)
+            else:
+                rejected += 1
+                if rejected > 1000 * n:  # a guard against a hang; the constructor's probe makes it unreachable
+                    raise RuntimeError(f"{rejected} draws for a batch of {n} were validation samples; the task's "
+                                       f"sample space is exhausted")
         return out
 
 

@@ -151,3 +151,118 @@ def test_runner_rejects_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="unknown keys"):
         run_main(["--config", str(bad)])
     assert all(p.full_steps >= p.steps for p in PRESETS.values())
+
+
+# ---------------------------------------------------------------- reliability: checked configs, no hang, no loss
+
+TINY = ["--task", "selcopy", "--model", "conv", "--task_args", '{"num_items": 2, "area": 6}', "--model_args",
+        '{"ch": 8, "layers": 1, "ks": 3}', "--num_val", "16", "--steps", "4", "--eval_every", "2", "--no_progress"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["--batch_size", "-1"], "batch_size must be an integer >= 1, got -1"),
+    (["--eval_every", "0"], "eval_every must be an integer >= 1, got 0"),
+    (["--num_val", "0"], "num_val must be an integer >= 1, got 0"),
+    (["--warmup", "-3"], "warmup must be an integer >= 0, got -3"),
+    (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+    (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    (["--model", "rnn"], "model must be one of"),
+    (["--task_args", '{"num_items": 0, "area": 6}'], r"num_items must be in \[1, area=6\]"),
+    (["--task_args", '{"items": 3}'], "unexpected keyword argument 'items'"),
+    (["--model_args", '{"ch": 0}'], "model_args ch must be an integer >= 1, got 0"),
+    (["--model_args", '{"width": 3}'], "unexpected keyword argument 'width'"),
+    (["--model", "transformer", "--model_args", '{"max_len": 4}'], "longer than max_len=4"),
+])
+def test_bad_config_is_refused_before_any_folder(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        run_main(TINY + flags + ["--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_file_is_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("- just a string\n")
+    with pytest.raises(SystemExit, match="each config must be a mapping"):
+        run_main(["--config", str(cfg), "--out", str(tmp_path / "out")])
+    cfg.write_text("name: [unclosed\n")
+    with pytest.raises(SystemExit, match="cannot read config"):
+        run_main(["--config", str(cfg), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_space_too_small_for_validation_is_an_error_not_a_hang(tmp_path):
+    # 1 letter in 10 slots: 26 * 10 = 260 distinct samples, fewer than the default 1000 validation samples
+    with pytest.raises(SystemExit, match="gave only 260 distinct samples .* fewer than num_val=1000.*at most 130"):
+        run_main(["--task", "selcopy", "--model", "conv", "--task_args", '{"num_items":1,"area":10}',
+                  "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"the 200 validation samples cover 7\d% of what the task draws"):
+        Dataset(SelectiveCopy(num_items=1, area=10), num_val=200)
+    data = Dataset(SelectiveCopy(num_items=1, area=10), num_val=100)  # room for fresh training samples
+    assert not {s.text for s in data.train_samples(500)} & data.val_texts
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ops", ["remove", "swap,remove", "remove,insert"])
+def test_very_selective_copy_op_subsets_sample_valid_programs(ops):
+    task = VerySelectiveCopy(num_items=(2, 4), num_ops=(1, 4), ops=ops)
+    rng = random.Random(5)
+    for _ in range(100):
+        items, prog, answer = parse_program(task.sample(rng).text.rstrip())
+        assert run_program(items, [o for o in prog if o]) == answer
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(ops="insert"), "needs 'remove'"), (dict(num_ops=(3, 1)), "num_ops must be >= 1"),
+    (dict(num_ops=0), "num_ops must be >= 1"), (dict(num_items="5"), "num_items must be an integer"),
+    (dict(num_items=(1, 2, 3)), r"num_items must be an integer or a \[min, max\] pair"),
+])
+def test_very_selective_copy_rejects_bad_args(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VerySelectiveCopy(**kwargs)
+
+
+def test_run_folders_are_unique_within_one_second(tmp_path, monkeypatch):
+    import seqtasks.run as run_module
+    monkeypatch.setattr(run_module.time, "strftime", lambda fmt: "20260101-000000")
+    folders = {run_module.new_run_dir(tmp_path, "same/name") for _ in range(3)}
+    assert len(folders) == 3 and all(f.is_dir() and f.parent == tmp_path for f in folders)
+
+
+def test_results_are_written_after_every_evaluation_and_kept_on_interrupt(tmp_path, monkeypatch):
+    import seqtasks.run as run_module
+    real_evaluate, on_disk = run_module.evaluate, []
+
+    def evaluate_then_interrupt(model, data):
+        files = list((tmp_path / "out").glob("*/results.json"))
+        on_disk.append(len(json.loads(files[0].read_text())[0]["curve"]) if files else 0)
+        if len(on_disk) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third evaluation
+        return real_evaluate(model, data)
+
+    monkeypatch.setattr(run_module, "evaluate", evaluate_then_interrupt)
+    (res,) = run_main(TINY[:-5] + ["--steps", "10", "--eval_every", "2", "--no_progress", "--out", str(tmp_path / "out")])
+    assert on_disk == [0, 1, 2]  # each evaluation was on disk before the next one started
+    (folder,) = (tmp_path / "out").iterdir()
+    saved = json.loads((folder / "results.json").read_text())
+    assert res["status"] == "interrupted" and saved[0]["status"] == "interrupted" and saved[0]["steps_done"] == 6
+    assert [c["step"] for c in saved[0]["curve"]] == [2, 4]
+    assert "(interrupted at step 6)" in (folder / "results.md").read_text()
+    assert sorted(p.name for p in folder.iterdir()) == ["curves.png", "results.json", "results.md"]  # no temp files
+
+
+def test_non_finite_loss_stops_the_run_as_diverged():
+    cfg = Config("nan", "selcopy", dict(num_items=2, area=6), "conv", dict(ch=8, layers=1, ks=3), steps=50,
+                 eval_every=2, num_val=16)
+    from seqtasks.run import prepare_run
+    task, data, model = prepare_run(cfg)
+    calls = []
+
+    def poison(module, inputs, output):  # the logits turn NaN on the 5th training step
+        calls.append(module.training)
+        return output * float("nan") if sum(calls) >= 5 and module.training else output
+
+    model.head.register_forward_hook(poison)
+    res = train(cfg, progress=False, prepared=(task, data, model))
+    assert res["status"] == "diverged" and res["diverged_at_step"] == 5 and res["steps_done"] == 4
+    assert [c["step"] for c in res["curve"]] == [2, 4]

@@ -53,21 +53,29 @@ def validate_selective_scan(u, delta, A, B, C, D, z, delta_bias, seq_idx, discre
 
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, seq_idx, softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, seq_idx, softplus, return_last_state):
         from .triton_scan import selective_scan_fwd
-        out, states, last = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, softplus)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, states)
+        out, boundaries = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, softplus)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, boundaries)
         ctx.softplus = softplus
-        ctx.mark_non_differentiable(last)
+        # the last state is the final boundary; a copy, so that changing it cannot corrupt the saved tensor
+        last = boundaries[:, :, -1].clone() if return_last_state else None
+        if last is not None:
+            ctx.mark_non_differentiable(last)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):  # the last state's gradient is not propagated (as upstream)
         from .triton_scan import selective_scan_bwd
-        u, delta, A, B, C, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias = selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias,
-                                                                   seq_idx, ctx.softplus, states)
-        return du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, boundaries = ctx.saved_tensors
+        grads = selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, ctx.softplus, boundaries)
+        return (*grads, None, None, None)
+
+
+def _time_contiguous(x):
+    """x itself when its time (last) axis has stride 1, else a contiguous copy: the kernels take any strides,
+    but load along time, and a strided time axis would make every load uncoalesced."""
+    return x if (x is None or x.dim() < 3 or x.stride(-1) == 1) else x.contiguous()
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -82,6 +90,14 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     discretization: "zoh" (Mamba) or "bilinear" (torch/ref backends).
     Returns out (u's dtype), and the fp32 last state (batch, dim, N) if return_last_state.
     """
+    if torch.compiler.is_compiling():  # one opaque graph node under torch.compile (kernels/compile_ops.py)
+        try:
+            from ..compile_ops import selective_scan_compiled
+        except ImportError:
+            selective_scan_compiled = None
+        if selective_scan_compiled is not None:
+            return selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                           seq_idx=seq_idx, backend=backend, discretization=discretization)
     name = resolve_backend(backend, u)
     validate_selective_scan(u, delta, A, B, C, D, z, delta_bias, seq_idx, discretization, name)
     args = (u, delta, A, B, C, D, z, delta_bias)
@@ -89,7 +105,6 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         return selective_scan_ref(*args, delta_softplus, return_last_state, seq_idx, discretization)
     if name == "torch":
         return selective_scan_torch(*args, delta_softplus, return_last_state, seq_idx, discretization)
-    cont = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-    out, last = _SelectiveScanTriton.apply(*map(cont, args), seq, bool(delta_softplus))
+    out, last = _SelectiveScanTriton.apply(*map(_time_contiguous, args), seq_idx, bool(delta_softplus),
+                                           bool(return_last_state))
     return (out, last) if return_last_state else out

@@ -373,4 +373,4 @@ def raise_keyboard_interrupt(signum, frame):
 
 if __name__ == "__main__":
     if any(r["status"] != "completed" for r in main()):
-        raise SystemExit(130)  # interrupted or diverged: the outputs are written, but the run is not complete
+        raise SystemExit(1)  # interrupted or diverged: the outputs are written, but a run did not complete

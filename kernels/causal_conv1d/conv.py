@@ -17,6 +17,7 @@ ACTIVATIONS = (None, "silu", "swish")
 def _validate(x, weight, bias, seq_idx, initial_states, activation):
     check_tensor("x", x, (None, None, None), FLOAT_DTYPES)
     batch, dim, L = x.shape
+    check(dim >= 1 and L >= 1, f"x must be (batch, dim, L) with dim >= 1 and L >= 1, got {tuple(x.shape)}")
     check_tensor("weight", weight, (dim, None), FLOAT_DTYPES, x.device)
     width = weight.shape[1]
     check(1 <= width <= 8, f"weight must have width 1..8 (dim, width), got width={width}")
@@ -47,7 +48,9 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
         for s in range(1, width):  # tap reading x[t - s]
             same = torch.zeros_like(seq_idx, dtype=torch.bool)
             same[:, s:] = seq_idx[:, s:] == seq_idx[:, :-s]
-            out = out + w[:, width - 1 - s, None] * xp[..., width - 1 - s: width - 1 - s + L] * same[:, None, :]
+            # a select, not a multiply by 0: a NaN or Inf in one document must not reach the next
+            tap = torch.where(same[:, None, :], xp[..., width - 1 - s: width - 1 - s + L], 0)
+            out = out + w[:, width - 1 - s, None] * tap
         if bias is not None:
             out = out + bias.to(x.dtype)[:, None]
     if activation in ("silu", "swish"):
@@ -84,8 +87,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if squeeze:
         x = x.unsqueeze(-1)
     check_tensor("x", x, (batch, dim, None), FLOAT_DTYPES, conv_state.device)
+    check(dim >= 1 and x.shape[-1] >= 1, f"x must hold at least one channel and one step, got {tuple(x.shape)}")
     check_tensor("weight", weight, (dim, None), FLOAT_DTYPES, x.device)
     width = weight.shape[1]
+    check(1 <= width <= 8, f"weight must have width 1..8 (dim, width), got width={width}")
     check(state_len >= width - 1, f"conv_state must hold at least width - 1 = {width - 1} steps, got {state_len}")
     check_tensor("bias", bias, (dim,), FLOAT_DTYPES, x.device, optional=True)
     check(activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {activation!r}")

@@ -12,7 +12,8 @@ from ..causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..ssd import mamba_chunk_scan_combined
 from ..ssd.reference import process_dt
 from ..state_update import selective_state_update
-from .mamba_simple import CachedStates, init_dt_bias
+from .._utils import check
+from .mamba_simple import CachedStates, check_block_args, check_positive_ints, check_sequence, init_dt_bias, is_int
 
 
 class RMSNormGated(nn.Module):
@@ -21,13 +22,22 @@ class RMSNormGated(nn.Module):
 
     def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True, device=None, dtype=None):
         super().__init__()
+        check_positive_ints(hidden_size=hidden_size)
+        check(group_size is None or (is_int(group_size) and group_size >= 1 and hidden_size % group_size == 0),
+              f"group_size must be None or a positive divisor of hidden_size={hidden_size}, got {group_size!r}")
+        check(eps >= 0, f"eps must be >= 0, got {eps}")
         self.eps, self.norm_before_gate = eps, norm_before_gate
-        self.group_size = group_size or hidden_size
-        if hidden_size % self.group_size:
-            raise ValueError(f"group_size {self.group_size} must divide hidden_size {hidden_size}")
+        self.group_size = hidden_size if group_size is None else group_size
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
     def forward(self, x, z=None):
+        hidden = self.weight.shape[0]
+        check(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == hidden,
+              f"x must be a tensor whose last dimension is hidden_size={hidden}, got "
+              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check(z is None or (isinstance(z, torch.Tensor) and z.shape == x.shape),
+              f"z must be None or shaped like x {tuple(x.shape)}, got "
+              f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
         dtype = x.dtype
         x = x.float()
         if z is not None and not self.norm_before_gate:
@@ -46,15 +56,19 @@ class Mamba2(CachedStates, nn.Module):
                  chunk_size=256, use_mem_eff_path=True, layer_idx=None, device=None, dtype=None, backend=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__()
+        check_block_args(d_model, d_state, d_conv, expand, dt_min, dt_max, dt_init_floor)
+        check_positive_ints(headdim=headdim, ngroups=ngroups, chunk_size=chunk_size)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.d_ssm = self.d_inner if d_ssm is None else d_ssm
-        if self.d_ssm % headdim:
-            raise ValueError(f"d_ssm ({self.d_ssm}) must be a multiple of headdim ({headdim})")
+        check(is_int(self.d_ssm) and 1 <= self.d_ssm <= self.d_inner,
+              f"d_ssm must be None or an integer in 1..d_inner={self.d_inner}, got {d_ssm!r}")
+        check(self.d_ssm % headdim == 0, f"headdim ({headdim}) must divide d_ssm ({self.d_ssm})")
         self.headdim, self.ngroups = headdim, ngroups
         self.nheads = self.d_ssm // headdim
-        if self.nheads % ngroups:
-            raise ValueError(f"nheads ({self.nheads}) must be a multiple of ngroups ({ngroups})")
+        check(self.nheads % ngroups == 0, f"ngroups ({ngroups}) must divide nheads ({self.nheads})")
+        check(len(A_init_range) == 2 and 0 < A_init_range[0] <= A_init_range[1],
+              f"A_init_range must be (low, high) with 0 < low <= high, got {A_init_range!r}")
         self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
         self.dt_limit, self.chunk_size, self.layer_idx, self.backend = dt_limit, chunk_size, layer_idx, backend
         self.use_mem_eff_path = use_mem_eff_path  # accepted for compatibility
@@ -93,6 +107,7 @@ class Mamba2(CachedStates, nn.Module):
         """u: (batch, L, d_model); seq_idx: (batch, L) int for packed documents."""
         if cu_seqlens is not None:
             raise NotImplementedError("cu_seqlens is not supported: pass seq_idx (batch, L) instead")
+        check_sequence("u", u, self.d_model)
         L = u.shape[1]
         conv_state, ssm_state, out = self._cached_or_step(inference_params, u)
         if out is not None:

@@ -11,9 +11,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._utils import FLOAT_DTYPES, check, check_tensor
 from ..causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..selective_scan import selective_scan_fn
 from ..state_update import selective_state_update
+
+MAX_CONV_WIDTH = 8  # causal_conv1d_fn's limit
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_positive_ints(**values) -> None:
+    for name, v in values.items():
+        check(is_int(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+
+
+def check_block_args(d_model, d_state, d_conv, expand, dt_min, dt_max, dt_init_floor) -> None:
+    """Constructor arguments shared by Mamba and Mamba2."""
+    check_positive_ints(d_model=d_model, d_state=d_state, d_conv=d_conv)
+    check(d_conv <= MAX_CONV_WIDTH, f"d_conv must be in 1..{MAX_CONV_WIDTH} (the causal conv's width), got {d_conv}")
+    check(isinstance(expand, (int, float)) and not isinstance(expand, bool) and int(expand * d_model) >= 1,
+          f"expand must be a number with int(expand * d_model) >= 1, got expand={expand!r}, d_model={d_model}")
+    check(0 < dt_min <= dt_max, f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+    check(dt_init_floor >= 0, f"dt_init_floor must be >= 0, got {dt_init_floor}")
+
+
+def check_sequence(name: str, x, d_model: int) -> None:
+    """x must be (batch, L, d_model) with L >= 1."""
+    check_tensor(name, x, (None, None, d_model), FLOAT_DTYPES)
+    check(x.shape[1] >= 1, f"{name} must hold at least one step (batch, L, d_model), got {tuple(x.shape)}")
 
 
 @dataclass
@@ -61,8 +89,10 @@ class Mamba(CachedStates, nn.Module):
                  use_fast_path=True, layer_idx=None, device=None, dtype=None, backend=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__()
-        if dt_init not in ("constant", "random"):
-            raise ValueError(f"dt_init must be 'constant' or 'random', got {dt_init!r}")
+        check(dt_init in ("constant", "random"), f"dt_init must be 'constant' or 'random', got {dt_init!r}")
+        check_block_args(d_model, d_state, d_conv, expand, dt_min, dt_max, dt_init_floor)
+        check(dt_rank == "auto" or (is_int(dt_rank) and dt_rank >= 1),
+              f"dt_rank must be 'auto' or an integer >= 1, got {dt_rank!r}")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
@@ -93,6 +123,7 @@ class Mamba(CachedStates, nn.Module):
 
     def forward(self, hidden_states, inference_params=None, seq_idx=None):
         """hidden_states: (batch, L, d_model); seq_idx: (batch, L) int, no state crosses a change."""
+        check_sequence("hidden_states", hidden_states, self.d_model)
         conv_state, ssm_state, out = self._cached_or_step(inference_params, hidden_states)
         if out is not None:
             return out

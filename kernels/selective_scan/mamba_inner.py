@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from .._utils import FLOAT_DTYPES, check, check_tensor
 from ..causal_conv1d import causal_conv1d_fn
 from .interface import selective_scan_fn
 
@@ -15,13 +16,44 @@ def _rms(x, weight, eps):
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def _validate(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C,
+              B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight):
+    """The projections' shapes against xz and A, so a mismatch is named instead of sliced silently."""
+    check_tensor("xz", xz, (None, None, None), FLOAT_DTYPES)
+    check(xz.shape[1] >= 2 and xz.shape[1] % 2 == 0, f"xz must be (batch, 2 * d_inner, L) = [x; z], got {tuple(xz.shape)}")
+    d_inner, dev = xz.shape[1] // 2, xz.device
+    check_tensor("conv1d_weight", conv1d_weight, None, FLOAT_DTYPES, dev)
+    check(tuple(conv1d_weight.shape[:1]) == (d_inner,) and (conv1d_weight.dim() == 2 or
+                                                            (conv1d_weight.dim() == 3 and conv1d_weight.shape[1] == 1)),
+          f"conv1d_weight must be (d_inner, 1, width) or (d_inner, width) with d_inner={d_inner}, "
+          f"got {tuple(conv1d_weight.shape)}")
+    check_tensor("A", A, (d_inner, None), None, dev)
+    d_state = A.shape[1]
+    check_tensor("delta_proj_weight", delta_proj_weight, (d_inner, None), FLOAT_DTYPES, dev)
+    delta_rank = delta_proj_weight.shape[1]
+    check(delta_rank >= 1, f"delta_proj_weight must be (d_inner, dt_rank) with dt_rank >= 1, got {tuple(delta_proj_weight.shape)}")
+    check_tensor("x_proj_weight", x_proj_weight, (None, d_inner), FLOAT_DTYPES, dev)
+    rows, want = x_proj_weight.shape[0], delta_rank + d_state * ((B is None) + (C is None))
+    # B and C input-dependent: exactly [dt; B; C]; otherwise mamba_ssm reads dt first and C last, so more rows pass
+    check(rows == want if B is None and C is None else rows >= want,
+          f"x_proj_weight must have dt_rank + d_state per input-dependent B/C = {want} rows (dt_rank {delta_rank} "
+          f"from delta_proj_weight, d_state {d_state} from A {tuple(A.shape)}), got {tuple(x_proj_weight.shape)}")
+    check_tensor("out_proj_weight", out_proj_weight, (None, d_inner), FLOAT_DTYPES, dev)
+    check_tensor("out_proj_bias", out_proj_bias, (out_proj_weight.shape[0],), FLOAT_DTYPES, dev, optional=True)
+    for name, t, size in (("B_proj_bias", B_proj_bias, d_state), ("C_proj_bias", C_proj_bias, d_state),
+                          ("b_rms_weight", b_rms_weight, d_state), ("c_rms_weight", c_rms_weight, d_state),
+                          ("dt_rms_weight", dt_rms_weight, delta_rank)):
+        check_tensor(name, t, (size,), FLOAT_DTYPES, dev, optional=True)
+
+
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
                    delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
                    b_c_dt_rms_eps=1e-6, seq_idx=None, backend=None):
     """xz: (batch, 2 * d_inner, L) = [x; z]; conv1d_weight (d_inner, 1, width) or (d_inner, width);
     returns (batch, L, d_model). B/C None means input-dependent (taken from x_proj's output)."""
-    L = xz.shape[-1]
+    _validate(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C,
+              B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight)
     delta_rank = delta_proj_weight.shape[1]
     d_state = A.shape[-1]
     x, z = xz.chunk(2, dim=1)

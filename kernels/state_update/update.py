@@ -19,6 +19,7 @@ def _validate(state, x, dt, A, B, C, D, z, dt_bias):
     check(state.dim() in (3, 4), f"state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), got {tuple(state.shape)}")
     heads = state.dim() == 4
     batch, N = state.shape[0], state.shape[-1]
+    check(min(state.shape[1:]) >= 1, f"state must have nonzero nheads, dim and dstate, got {tuple(state.shape)}")
     xs = tuple(state.shape[:-1])
     dev = state.device
     check_tensor("x", x, xs, FLOAT_DTYPES, dev)
@@ -27,7 +28,8 @@ def _validate(state, x, dt, A, B, C, D, z, dt_bias):
     for name, M in (("B", B), ("C", C)):
         if heads:
             check_tensor(name, M, (batch, None, N), FLOAT_DTYPES, dev)
-            check(state.shape[1] % M.shape[1] == 0, f"{name} has {M.shape[1]} groups, which must divide nheads={state.shape[1]}")
+            check(M.shape[1] >= 1 and state.shape[1] % M.shape[1] == 0,
+                  f"{name} has {M.shape[1]} groups, which must divide nheads={state.shape[1]}")
         else:
             check_tensor(name, M, (batch, N), FLOAT_DTYPES, dev)
     check_tensor("D", D, xs[1:], FLOAT_DTYPES, dev, optional=True)

@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ sys.path.insert(0, str(REPO_DIR))
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter (must be set before
@@ -50,3 +52,15 @@ def _patch_interpreter_index_for_numpy_2_4():
 
 if os.environ.get("TRITON_INTERPRET") == "1" and _numpy_refuses_1d_to_scalar():
     _patch_interpreter_index_for_numpy_2_4()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (added to every test skipped for want of one; "
+                                       "tools/gpu_check.py selects them with -m cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(m.name == "skipif" and re.search(r"CUDA|GPU", str(m.kwargs.get("reason", "")))
+               for m in item.iter_markers()):
+            item.add_marker(pytest.mark.cuda)

@@ -80,6 +80,8 @@ class LSTMText(nn.Module):
 class TransformerText(nn.Module):
     def __init__(self, ch=64, layers=4, heads=8, max_len=256):
         super().__init__()
+        if ch % heads:
+            raise ValueError(f"heads ({heads}) must divide ch ({ch})")
         self.embed = nn.Embedding(256, ch)
         self.pos = nn.Parameter(torch.randn(max_len, ch) * 0.02)
         layer = nn.TransformerEncoderLayer(ch, heads, 4 * ch, dropout=0.0, batch_first=True, norm_first=True)

@@ -173,6 +173,8 @@ TINY = ["--task", "selcopy", "--model", "conv", "--task_args", '{"num_items": 2,
     (["--model_args", '{"ch": 0}'], "model_args ch must be an integer >= 1, got 0"),
     (["--model_args", '{"width": 3}'], "unexpected keyword argument 'width'"),
     (["--model", "transformer", "--model_args", '{"max_len": 4}'], "longer than max_len=4"),
+    (["--model", "transformer", "--model_args", '{"ch": 12, "heads": 8}'], r"heads \(8\) must divide ch \(12\)"),
+    (["--model", "mamba2", "--model_args", '{"ch": 8, "headdim": 5}'], r"headdim \(5\) must divide d_ssm \(16\)"),
 ])
 def test_bad_config_is_refused_before_any_folder(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):

@@ -93,7 +93,9 @@ def describe_unranked(rec: dict) -> str:
     status, step = record_status(rec), stopped_at_step(rec)
     if status == "completed":
         return f"completed, but its final val loss is {rec.get('final_val_loss')!r}, not a finite number"
-    return status + (f" at step {step}" if step is not None else "")
+    error = rec.get("error")
+    return (status + (f" at step {step}" if step is not None else "")
+            + (f": {error[:200]}" if isinstance(error, str) and error else ""))
 
 
 def load_records(records_dir: str | Path) -> list[dict]:

@@ -34,7 +34,7 @@ def records_dir(tmp_path):
     write(tmp_path, "nan", record("good", float("nan"), "completed"))  # NaN in the JSON (json.dumps writes NaN)
     write(tmp_path, "div", record("good", None, "diverged", diverged_at_step=10))
     write(tmp_path, "int", record("good", None, "interrupted", interrupted_at_step=7))
-    write(tmp_path, "fail", record("good", None, "failed"))
+    write(tmp_path, "fail", record("good", None, "failed", error="ShardError: shard x.bin is truncated", step_ms=[]))
     write(tmp_path, "neg_only_diverged", record("bad", -0.0, "diverged", diverged_at_step=3))
     write(tmp_path, "garbage", "{not json")
     write(tmp_path, "empty", "")
@@ -69,7 +69,7 @@ def test_command_lists_unranked_runs_apart(records_dir, tmp_path_factory, capsys
     table, _, unranked = out.partition("Not ranked")
     assert "| good | 3 |" in table and "| bad |" not in table and "| typed |" not in table
     assert "good: diverged at step 10" in unranked and "good: interrupted at step 7" in unranked
-    assert "bad: diverged at step 3" in unranked and "good: failed" in unranked
+    assert "bad: diverged at step 3" in unranked and "good: failed at step 0: ShardError: shard x.bin is truncated" in unranked
     assert "good: completed, but its final val loss is nan" in unranked
     assert "typed: completed, but its final val loss is '3.1'" in unranked
     assert len(rows) == 2 and (out_dir / "p.png").stat().st_size > 1000

@@ -25,16 +25,22 @@ from .common import print_table, rel_err, saved_for_backward_mib
 from .ops import mambapy_scan, scan_inputs
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCK["wall"]
+
+
 def interleaved_ms(fns: dict, rounds: int) -> dict:
-    """Median ms per candidate, one call of each per round (after one warm-up call each)."""
+    """Median ms per candidate, one call of each per round (after one warm-up call each). Timed with
+    `clock`: wall time, or this process's CPU time ("cpu": robust to other processes on a shared machine
+    when torch runs one thread)."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[k].append(1000 * (time.perf_counter() - t))
+            times[k].append(1000 * (clock() - t))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -171,22 +177,21 @@ def module_pairs(kind, d_model):
     if kind == "mamba":
         from transformers.models.mamba.modeling_mamba import MambaConfig, MambaMixer
         ours = Mamba(d_model, d_state=16, d_conv=4, expand=2, backend="torch")
-        peers = []
-        for mambapy in (False, True):
-            cfg = MambaConfig(hidden_size=d_model, state_size=16, conv_kernel=4, expand=2, use_bias=False,
-                              use_conv_bias=True, use_mambapy=mambapy)
-            peers.append((f"transformers MambaMixer ({'mambapy' if mambapy else 'loop'})", MambaMixer(cfg, layer_idx=0)))
+        config = lambda mambapy: MambaConfig(hidden_size=d_model, state_size=16, conv_kernel=4, expand=2,  # noqa: E731
+                                             use_bias=False, use_conv_bias=True, use_mambapy=mambapy)
+        peers = [(f"transformers MambaMixer ({'mambapy' if m else 'loop'})", MambaMixer(config(m), layer_idx=0))
+                 for m in (False, True)]
+        reference = MambaMixer(config(False), layer_idx=0)
     else:
         from transformers.models.mamba2.modeling_mamba2 import Mamba2Config, Mamba2Mixer
         ours = Mamba2(d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256, backend="torch")
         cfg = Mamba2Config(hidden_size=d_model, state_size=128, conv_kernel=4, expand=2, head_dim=64,
                            num_heads=2 * d_model // 64, n_groups=1, chunk_size=256, use_bias=False, use_conv_bias=True)
         peers = [("transformers Mamba2Mixer (torch)", Mamba2Mixer(cfg, layer_idx=0))]
+        reference = Mamba2Mixer(cfg, layer_idx=0)
     state = ours.state_dict()
-    for _, m in peers:
+    for _, m in peers + [("reference", reference)]:
         m.load_state_dict(state, strict=True)
-    reference = type(peers[0][1])(peers[0][1].config, layer_idx=0)
-    reference.load_state_dict(state)
     return ours, peers, reference.double()
 
 

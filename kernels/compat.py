@@ -38,6 +38,14 @@ UPSTREAM_VERSIONS = {"mamba_ssm": "2.3.2", "causal_conv1d": "1.6.1"}
 LOCAL_LABEL = "+mamba.kernels"
 
 
+def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+    """mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn: RMSNormGated's computation with the given weight."""
+    if bias is not None:
+        raise NotImplementedError("rmsnorm_fn with a bias is not supported (mamba_ssm's RMSNorm has none)")
+    norm = RMSNormGated(x.shape[-1], eps=eps, group_size=group_size, norm_before_gate=norm_before_gate, device="meta")
+    return functional_call(norm, {"weight": weight}, (x, z))
+
+
 def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
                                      initial_states=None, seq_idx=None, dt_limit=(0.0, float("inf")),
                                      return_final_states=False, activation="silu", rmsnorm_weight=None,
@@ -78,9 +86,7 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
     y, final_states = res if return_final_states else (res, None)
     y = y.flatten(-2)
     if rmsnorm_weight is not None:
-        norm = RMSNormGated(dim, eps=rmsnorm_eps, group_size=dim // ngroups, norm_before_gate=norm_before_gate,
-                            device="meta")
-        y = functional_call(norm, {"weight": rmsnorm_weight}, (y, z))
+        y = rmsnorm_fn(y, rmsnorm_weight, None, z, rmsnorm_eps, dim // ngroups, norm_before_gate)
     if d_mlp2:
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
     if outproj_weight is not None:
@@ -104,7 +110,7 @@ ALIAS_MODULES = {
     "mamba_ssm.ops.triton.ssd_combined": {
         "mamba_chunk_scan_combined": ssd.mamba_chunk_scan_combined,
         "mamba_split_conv1d_scan_combined": mamba_split_conv1d_scan_combined},
-    "mamba_ssm.ops.triton.layernorm_gated": {"RMSNorm": RMSNormGated},
+    "mamba_ssm.ops.triton.layernorm_gated": {"RMSNorm": RMSNormGated, "rmsnorm_fn": rmsnorm_fn},
     "mamba_ssm.modules": {},
     "mamba_ssm.modules.mamba_simple": {"Mamba": Mamba},
     "mamba_ssm.modules.mamba2": {"Mamba2": Mamba2},

@@ -93,7 +93,7 @@ def assert_same_run(ours, reference, ids, **kwargs):
 def test_upstream_import_paths_resolve_to_our_kernels(aliases):
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
-    from mamba_ssm.ops.triton.layernorm_gated import RMSNorm
+    from mamba_ssm.ops.triton.layernorm_gated import RMSNorm, rmsnorm_fn
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
     from mamba_ssm.utils.generation import InferenceParams
@@ -103,7 +103,8 @@ def test_upstream_import_paths_resolve_to_our_kernels(aliases):
         kernels.mamba_chunk_scan_combined)
     assert (causal_conv1d_fn, causal_conv1d_update) == (kernels.causal_conv1d_fn, kernels.causal_conv1d_update)
     assert (RMSNorm, InferenceParams) == (kernels.RMSNormGated, kernels.InferenceParams)
-    assert mamba_split_conv1d_scan_combined is compat.mamba_split_conv1d_scan_combined
+    assert (mamba_split_conv1d_scan_combined, rmsnorm_fn) == (compat.mamba_split_conv1d_scan_combined,
+                                                              compat.rmsnorm_fn)
     import mamba_ssm
     assert mamba_ssm.Mamba2 is kernels.Mamba2 and mamba_ssm.__version__ == "2.3.2+mamba.kernels"
     # what transformers' availability checks read: a spec, and a version from importlib.metadata
@@ -297,3 +298,8 @@ def test_split_conv1d_scan_combined_rejects_bad_input():
     with pytest.raises(ValueError, match="zxbcdt"):
         compat.mamba_split_conv1d_scan_combined(zxbcdt[..., 1:], torch.randn(12, 4), None, torch.zeros(2),
                                                 -torch.ones(2), torch.ones(2, 4), 4)
+    with pytest.raises(NotImplementedError, match="state_dtype"):
+        compat.mamba_split_conv1d_scan_combined(zxbcdt, torch.randn(12, 4), None, torch.zeros(2), -torch.ones(2),
+                                                torch.ones(2, 4), 4, state_dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="bias"):
+        compat.rmsnorm_fn(torch.randn(2, 8), torch.ones(8), torch.zeros(8))

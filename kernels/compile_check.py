@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write every result and the verdict here")
     ap.add_argument("--filter", default=None, help="only specs whose name contains this substring")
     ap.add_argument("--quick", action="store_true", help="one spec per kernel and pointer dtype")
+    ap.add_argument("--max_specs", type=int, default=None, help="compile only the first N (a dry run of the tool)")
     ap.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 16), help="compile processes")
     ap.add_argument("--module", action="append", default=None,
                     help="check this module (dotted name or .py path) instead of kernels/**/triton_*.py; repeatable")
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
         return 2
     modules = args.module or discover_modules()
     jobs, problems = collect(modules, args.allow_missing, args.filter, args.quick)
+    jobs = jobs[:args.max_specs] if args.max_specs is not None else jobs
     for p in problems:
         print(f"{'WARNING' if p.get('warning') else 'FAILED'} {p['module']}: {p['problem']}", flush=True)
     print(f"compiling {len(jobs)} configurations from {len(modules)} modules for sm_{arch} "

@@ -75,17 +75,6 @@ def _seg_add(a, a_start, b, b_start):
 
 
 @triton.jit
-def _gate(dout_ptr, z_ptr, off_o, off_z, mask, HAS_Z: tl.constexpr):
-    """dy = dout * silu(z) in fp32 (dout when there is no gate), and z (fp32, or 0)."""
-    dy = tl.load(dout_ptr + off_o, mask=mask, other=0.0).to(tl.float32)
-    z = 0.0
-    if HAS_Z:
-        z = tl.load(z_ptr + off_z, mask=mask, other=0.0).to(tl.float32)
-        dy = dy * z * tl.sigmoid(z)
-    return dy, z
-
-
-@triton.jit
 def _own_off(b, t64, h, p, L, H, P):
     """Offsets into a buffer this module allocates contiguous with shape (batch, L, H, P) (out, y before
     the gate, dx, dz) or (batch, L, G, N) (dB, dC)."""
@@ -130,13 +119,13 @@ def _ssd_dt_cumsum_fwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, L, H, 
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + h)
-    dt, _ = _dt_raw_to_processed(dt, bias, dt_lo, dt_hi, SOFTPLUS, HAS_LIMIT)
+    dt = _dt_raw_to_processed(dt, bias, dt_lo, dt_hi, SOFTPLUS, HAS_LIMIT)[0]
     dt = tl.where(tm, dt, 0.0)  # padding steps: no decay, no input
     dA = dt * tl.load(A_ptr + h)
     if HAS_SEQ:
         sq = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
         prev = _seq_at(seq_ptr, b, tl.maximum(t - 1, 0), L, HAS_SEQ)
-        cs, _ = tl.associative_scan((dA, sq != prev), 0, _seg_add)
+        cs = tl.associative_scan((dA, sq != prev), 0, _seg_add)[0]
     else:
         cs = tl.cumsum(dA, 0)
     tl.store(dtp_ptr + row * Lp + t, dt)
@@ -185,11 +174,33 @@ def _ssd_state_fwd(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, h0_ptr, hin_ptr, fina
 
 
 @triton.jit
+def _rowdot(a_ptr, a_rows, a_mask, a_sk, b_ptr, b_rows, b_mask, b_sk, K, dot_ty: tl.constexpr, BA: tl.constexpr,
+            BB: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """(BA, BB) fp32 = sum over k < K of a[i, k] * b[j, k], BK columns at a time (rows are int64 offsets):
+    no operand wider than BK is ever held, whatever d_state or headdim."""
+    acc = tl.zeros((BA, BB), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < K
+        a = tl.load(a_ptr + a_rows[:, None] + k[None, :] * a_sk, mask=a_mask[:, None] & km[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] + k[None, :] * b_sk, mask=b_mask[:, None] & km[None, :], other=0.0)
+        acc = tl.dot(a.to(dot_ty), tl.trans(b.to(dot_ty)), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _causal_decay(t, s, cs_t, cs_s, seq_t, seq_s, L):
+    """(len(t), len(s)): exp(cs_t - cs_s) where s <= t < L in one document, else exactly 0 (a select)."""
+    same = (t[:, None] >= s[None, :]) & (t[:, None] < L) & (seq_t[:, None] == seq_s[None, :])
+    return tl.where(same, tl.exp(tl.where(same, cs_t[:, None] - cs_s[None, :], 0.0)), 0.0)
+
+
+@triton.jit
 def _ssd_chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, D_ptr, out_ptr, ypre_ptr,
                         L, H, G, P, N, Lp, NC, Q,
                         sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, sb_b, sb_l, sb_g, sb_n,
                         sc_b, sc_l, sc_g, sc_n,
-                        BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
+                        BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                         HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr):
     t0 = tl.program_id(0) * BT
     p = tl.program_id(1) * BP + tl.arange(0, BP)
@@ -198,45 +209,36 @@ def _ssd_chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
     h = row % H
     g = h // (H // G)
     c = t0 // Q
-    dot_ty = x_ptr.dtype.element_ty
+    dot_ty: tl.constexpr = x_ptr.dtype.element_ty
     t = t0 + tl.arange(0, BT)
     tm = t < L
     t64 = t.to(tl.int64)
-    n = tl.arange(0, BN)
-    nm = n < N
     pm = p < P
-    Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
-                 mask=tm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+    c_rows = b * sc_b + t64 * sc_l + g * sc_g
     cs_t = tl.load(cs_ptr + row * Lp + t)
     seq_t = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
-    _, _, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+    seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)[2]
     # the state entering the chunk, read through C, reaches the steps of its own document
-    hin = tl.load(hin_ptr + (row * NC + c) * P * N + p[:, None] * N + n[None, :],
-                  mask=pm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+    acc = _rowdot(C_ptr, c_rows, tm, sc_n, hin_ptr, (row * NC + c) * P * N + p.to(tl.int64) * N, pm, 1, N,
+                  dot_ty, BT, BP, BK, PREC)
     into = tm & (seq_t == seq_in)
-    acc = tl.dot(Ct, tl.trans(hin), input_precision=PREC)
     acc = tl.where(into[:, None], acc * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
     for s0 in range(c * Q, t0 + BT, BT):
         s = s0 + tl.arange(0, BT)
         sm = s < L
         s64 = s.to(tl.int64)
-        Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
-                     mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+        CB = _rowdot(C_ptr, c_rows, tm, sc_n, B_ptr, b * sb_b + s64 * sb_l + g * sb_g, sm, sb_n, N,
+                     dot_ty, BT, BT, BK, PREC)
         xs = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
                      mask=sm[:, None] & pm[None, :], other=0.0)
-        cs_s = tl.load(cs_ptr + row * Lp + s)
-        dt_s = tl.load(dtp_ptr + row * Lp + s)
-        same = (t[:, None] >= s[None, :]) & sm[None, :] & (seq_t[:, None] == _seq_at(seq_ptr, b, s, L, HAS_SEQ)[None, :])
-        CB = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
-        decay = tl.exp(tl.where(same, cs_t[:, None] - cs_s[None, :], 0.0))
-        M = tl.where(same, CB * decay * dt_s[None, :], 0.0).to(dot_ty)
+        decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
+        M = (CB * decay * tl.load(dtp_ptr + row * Lp + s)[None, :]).to(dot_ty)
         acc = tl.dot(M, xs.to(dot_ty), acc, input_precision=PREC)
     tp_mask = tm[:, None] & pm[None, :]
     if HAS_D:
         xt = tl.load(x_ptr + b * sx_b + t64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=tp_mask, other=0.0)
         if D_PER_CHANNEL:
-            Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0)
-            acc += Dv[None, :] * xt.to(tl.float32)
+            acc += tl.load(D_ptr + h * P + p, mask=pm, other=0.0)[None, :] * xt.to(tl.float32)
         else:
             acc += tl.load(D_ptr + h) * xt.to(tl.float32)
     out_off = _own_off(b, t64, h, p, L, H, P)
@@ -251,10 +253,32 @@ def _ssd_chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
 # ------------------------------------------------------------------ backward
 
 @triton.jit
-def _ssd_state_bwd(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, dh0_ptr, L, H, G, P, N, Lp, NC, Q,
-                   sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, sc_b, sc_l, sc_g, sc_n,
+def _ssd_gate_bwd(dout_ptr, z_ptr, ypre_ptr, dy_ptr, dz_ptr, L, H, P, so_b, so_l, so_h, so_p, sz_b, sz_l, sz_h, sz_p,
+                  BT: tl.constexpr, BP: tl.constexpr):
+    """out = ypre * silu(z): dy = dout * silu(z) (x's dtype, read by every later kernel), dz."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    row = tl.program_id(1).to(tl.int64)
+    b = row // H
+    h = row % H
+    t64 = t.to(tl.int64)
+    p = tl.arange(0, BP)
+    mask = (t < L)[:, None] & (p < P)[None, :]
+    dout = tl.load(dout_ptr + b * so_b + t64[:, None] * so_l + h * so_h + p[None, :] * so_p, mask=mask,
+                   other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * sz_b + t64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p, mask=mask,
+                other=0.0).to(tl.float32)
+    own = _own_off(b, t64, h, p, L, H, P)
+    ypre = tl.load(ypre_ptr + own, mask=mask, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(z)
+    tl.store(dy_ptr + own, (dout * z * sg).to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + own, (dout * ypre * sg * (1.0 + z * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, dh0_ptr, L, H, G, P, N, Lp, NC, Q,
+                   sy_b, sy_l, sy_h, sy_p, sc_b, sc_l, sc_g, sc_n,
                    BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
+                   HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // H
     h = row % H
@@ -263,7 +287,7 @@ def _ssd_state_bwd(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, 
     n = tl.program_id(2) * BN + tl.arange(0, BN)
     pn_mask = (p[:, None] < P) & (n[None, :] < N)
     pn_off = p[:, None] * N + n[None, :]
-    dot_ty = C_ptr.dtype.element_ty
+    dot_ty: tl.constexpr = dy_ptr.dtype.element_ty
     grad = tl.zeros((BP, BN), dtype=tl.float32)  # gradient of the state leaving chunk c
     if HAS_DFINAL:
         grad = tl.load(dfinal_ptr + row * P * N + pn_off, mask=pn_mask, other=0.0)
@@ -276,9 +300,8 @@ def _ssd_state_bwd(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, 
             t = s0 + tl.arange(0, BS)
             tm = t < L
             t64 = t.to(tl.int64)
-            dy, _ = _gate(dout_ptr, z_ptr, b * sx_b + t64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-                          b * sz_b + t64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p,
-                          tm[:, None] & (p[None, :] < P), HAS_Z)
+            dy = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
+                         mask=tm[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)
             Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
                          mask=tm[:, None] & (n[None, :] < N), other=0.0).to(dot_ty)
             into = tm & (_seq_at(seq_ptr, b, t, L, HAS_SEQ) == seq_in)
@@ -287,37 +310,95 @@ def _ssd_state_bwd(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, 
             dhin = tl.dot(tl.trans(dyw), Ct, dhin, input_precision=PREC)
         carried = tl.exp(cs_end) * grad + dhin
         if HAS_SEQ:
-            carried = tl.where(seq_end == seq_in, carried, dhin)
+            carried = tl.where(seq_end == seq_in, carried, dhin)  # a document starts in chunk c: reset (select)
         grad = carried
     tl.store(dh0_ptr + row * P * N + pn_off, grad, mask=pn_mask)
 
 
 @triton.jit
-def _ssd_chunk_bwd_dxdb(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, D_ptr,
-                        dx_ptr, dB_ptr, ddtx_ptr, dcs_ptr, L, H, G, P, N, Lp, NC, Q,
-                        sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, so_p,
-                        sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
-                        BS: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                        HAS_SEQ: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
-                        D_PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
-    """Rows s of one chunk, every head of one group: what flows back to x_s, dt_s (the dt.x part), B_s."""
-    s0 = tl.program_id(0) * BS
-    bg = tl.program_id(1).to(tl.int64)
-    b = bg // G
-    g = bg % G
-    R = H // G
+def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, D_ptr,
+                      dx_ptr, ddtx_ptr, dcs_ptr, dD_ptr, L, H, G, P, N, Lp, NC, Q,
+                      sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
+                      BS: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
+    """Rows s of one chunk and head (key side): dx, the dt.x part of ddt, the key half of dcs, D partials."""
+    pid_s = tl.program_id(0)
+    s0 = pid_s * BS
+    row = tl.program_id(1).to(tl.int64)
+    b = row // H
+    h = row % H
+    g = h // (H // G)
     c = s0 // Q
-    dot_ty = x_ptr.dtype.element_ty
+    dot_ty: tl.constexpr = x_ptr.dtype.element_ty
     s = s0 + tl.arange(0, BS)
     sm = s < L
     s64 = s.to(tl.int64)
     p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
+    pm = p < P
+    sp_mask = sm[:, None] & pm[None, :]
+    b_rows = b * sb_b + s64 * sb_l + g * sb_g
+    x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=sp_mask,
+                  other=0.0).to(tl.float32)
+    dt_s = tl.load(dtp_ptr + row * Lp + s)
+    cs_s = tl.load(cs_ptr + row * Lp + s)
+    seq_s = _seq_at(seq_ptr, b, s, L, HAS_SEQ)
+    V = x_s * dt_s[:, None]
+    # the chunk's end state S = sum_s exp(cs_end - cs_s) V_s B_s^T, whose gradient is dS
+    cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+    keep = sm & (seq_s == seq_end)
+    BdS = _rowdot(B_ptr, b_rows, sm, sb_n, dS_ptr, (row * NC + c) * P * N + p.to(tl.int64) * N, pm, 1, N,
+                  dot_ty, BS, BP, BK, PREC)
+    dV = tl.where(keep[:, None], BdS * tl.exp(tl.where(keep, cs_end - cs_s, 0.0))[:, None], 0.0)
+    dcs = -tl.sum(dV * V, axis=1)
+    Vd = V.to(dot_ty)
+    # inside the chunk: y_t += (C_t.B_s) exp(cs_t - cs_s) V_s for s <= t
+    for t0 in range(s0, tl.minimum(c * Q + Q, L), BS):
+        t = t0 + tl.arange(0, BS)
+        tm = t < L
+        t64 = t.to(tl.int64)
+        dy_t = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
+                       mask=tm[:, None] & pm[None, :], other=0.0).to(dot_ty)
+        CBt = _rowdot(B_ptr, b_rows, sm, sb_n, C_ptr, b * sc_b + t64 * sc_l + g * sc_g, tm, sc_n, N,
+                      dot_ty, BS, BS, BK, PREC)  # (s, t): B_s.C_t
+        decay = tl.trans(_causal_decay(t, s, tl.load(cs_ptr + row * Lp + t), cs_s,
+                                       _seq_at(seq_ptr, b, t, L, HAS_SEQ), seq_s, L))
+        dV = tl.dot((CBt * decay).to(dot_ty), dy_t, dV, input_precision=PREC)
+        dCBt = tl.dot(Vd, tl.trans(dy_t), input_precision=PREC) * decay
+        dcs -= tl.sum(dCBt * CBt, axis=1)
+    dx = dV * dt_s[:, None]
+    if HAS_D:
+        dy_s = tl.load(dy_ptr + b * sy_b + s64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p, mask=sp_mask,
+                       other=0.0).to(tl.float32)
+        if D_PER_CHANNEL:
+            dx += tl.load(D_ptr + h * P + p, mask=pm, other=0.0)[None, :] * dy_s
+        else:
+            dx += tl.load(D_ptr + h) * dy_s
+        tl.store(dD_ptr + ((b * tl.num_programs(0) + pid_s) * H + h) * P + p, tl.sum(dy_s * x_s, axis=0), mask=pm)
+    tl.store(dx_ptr + _own_off(b, s64, h, p, L, H, P), dx.to(dx_ptr.dtype.element_ty), mask=sp_mask)
+    tl.store(ddtx_ptr + row * Lp + s, tl.sum(dV * x_s, axis=1), mask=sm)
+    tl.store(dcs_ptr + row * Lp + s, dcs, mask=sm)
+
+
+@triton.jit
+def _ssd_chunk_bwd_db(x_ptr, dy_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, dB_ptr, L, H, G, P, N, Lp, NC, Q,
+                      sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sc_b, sc_l, sc_g, sc_n,
+                      BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Rows s, one N block, summed over the heads of one group inside the program: dB."""
+    s0 = tl.program_id(0) * BS
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    bg = tl.program_id(2).to(tl.int64)
+    b = bg // G
+    g = bg % G
+    R = H // G
+    c = s0 // Q
+    dot_ty: tl.constexpr = x_ptr.dtype.element_ty
+    s = s0 + tl.arange(0, BS)
+    sm = s < L
+    s64 = s.to(tl.int64)
+    p = tl.arange(0, BP)
     pm = p < P
     nm = n < N
-    sp_mask = sm[:, None] & pm[None, :]
-    Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
-                 mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
     seq_s = _seq_at(seq_ptr, b, s, L, HAS_SEQ)
     t_stop = tl.minimum(c * Q + Q, L)
     dB = tl.zeros((BS, BN), dtype=tl.float32)
@@ -325,125 +406,126 @@ def _ssd_chunk_bwd_dxdb(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, s
         h = g * R + r
         row = b * H + h
         cs_s = tl.load(cs_ptr + row * Lp + s)
-        dt_s = tl.load(dtp_ptr + row * Lp + s)
-        x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=sp_mask,
-                      other=0.0).to(tl.float32)
-        V = (x_s * dt_s[:, None]).to(dot_ty)
-        # the chunk's end state S = sum_s exp(cs_end - cs_s) V_s B_s^T, whose gradient is dS
-        cs_end, seq_end, _ = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+        x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                      mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+        V = (x_s * tl.load(dtp_ptr + row * Lp + s)[:, None]).to(dot_ty)
+        cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
         keep = sm & (seq_s == seq_end)
-        w_end = tl.exp(tl.where(keep, cs_end - cs_s, 0.0))
         dS = tl.load(dS_ptr + (row * NC + c) * P * N + p[:, None] * N + n[None, :],
                      mask=pm[:, None] & nm[None, :], other=0.0).to(dot_ty)
-        dV = tl.where(keep[:, None], tl.dot(Bs, tl.trans(dS), input_precision=PREC) * w_end[:, None], 0.0)
-        dB_h = tl.where(keep[:, None], tl.dot(V, dS, input_precision=PREC) * w_end[:, None], 0.0)
-        dcs = -tl.sum(dV * V.to(tl.float32), axis=1)
-        # inside the chunk: y_t += (C_t.B_s) exp(cs_t - cs_s) V_s for t >= s
-        for t0 in range(s0 - s0 % BT, t_stop, BT):
-            t = t0 + tl.arange(0, BT)
+        w_end = tl.exp(tl.where(keep, cs_end - cs_s, 0.0))
+        dB += tl.where(keep[:, None], tl.dot(V, dS, input_precision=PREC) * w_end[:, None], 0.0)
+        for t0 in range(s0, t_stop, BS):
+            t = t0 + tl.arange(0, BS)
             tm = t < L
             t64 = t.to(tl.int64)
+            dy_t = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
+                           mask=tm[:, None] & pm[None, :], other=0.0).to(dot_ty)
             Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
                          mask=tm[:, None] & nm[None, :], other=0.0).to(dot_ty)
-            dy, _ = _gate(dout_ptr, z_ptr, b * so_b + t64[:, None] * so_l + h * so_h + p[None, :] * so_p,
-                          b * sz_b + t64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p,
-                          tm[:, None] & pm[None, :], HAS_Z)
-            dy = dy.to(dot_ty)
-            same = (t[None, :] >= s[:, None]) & tm[None, :] & (_seq_at(seq_ptr, b, t, L, HAS_SEQ)[None, :] == seq_s[:, None])
-            decay = tl.where(same, tl.exp(tl.where(same, tl.load(cs_ptr + row * Lp + t)[None, :] - cs_s[:, None], 0.0)),
-                             0.0)
-            CBt = tl.dot(Bs, tl.trans(Ct), input_precision=PREC)  # (BS, BT): B_s.C_t
-            dV = tl.dot((CBt * decay).to(dot_ty), dy, dV, input_precision=PREC)
-            dCBt = tl.dot(V, tl.trans(dy), input_precision=PREC) * decay
-            dB_h = tl.dot(dCBt.to(dot_ty), Ct, dB_h, input_precision=PREC)
-            dcs -= tl.sum(dCBt * CBt, axis=1)
-        dB += dB_h
-        dx = dV * dt_s[:, None]
-        if HAS_D:
-            dy_s, _ = _gate(dout_ptr, z_ptr, b * so_b + s64[:, None] * so_l + h * so_h + p[None, :] * so_p,
-                            b * sz_b + s64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p, sp_mask, HAS_Z)
-            if D_PER_CHANNEL:
-                dx += tl.load(D_ptr + h * P + p, mask=pm, other=0.0)[None, :] * dy_s
-            else:
-                dx += tl.load(D_ptr + h) * dy_s
-        tl.store(dx_ptr + _own_off(b, s64, h, p, L, H, P), dx.to(dx_ptr.dtype.element_ty), mask=sp_mask)
-        tl.store(ddtx_ptr + row * Lp + s, tl.sum(dV * x_s, axis=1), mask=sm)
-        tl.store(dcs_ptr + row * Lp + s, dcs, mask=sm)
+            decay = tl.trans(_causal_decay(t, s, tl.load(cs_ptr + row * Lp + t), cs_s,
+                                           _seq_at(seq_ptr, b, t, L, HAS_SEQ), seq_s, L))
+            dCBt = tl.dot(V, tl.trans(dy_t), input_precision=PREC) * decay
+            dB = tl.dot(dCBt.to(dot_ty), Ct, dB, input_precision=PREC)
     tl.store(dB_ptr + _own_off(b, s64, g, n, L, G, N), dB.to(dB_ptr.dtype.element_ty), mask=sm[:, None] & nm[None, :])
 
 
 @triton.jit
-def _ssd_chunk_bwd_dc(x_ptr, z_ptr, dout_ptr, ypre_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr,
-                      dC_ptr, dz_ptr, dD_ptr, dcs_ptr, L, H, G, P, N, Lp, NC, Q,
-                      sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, so_p,
-                      sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
-                      BT: tl.constexpr, BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                      HAS_SEQ: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr):
-    """Rows t of one chunk, every head of one group: what flows back to C_t, z_t, D; the query half of dcs."""
-    pid_t = tl.program_id(0)
-    t0 = pid_t * BT
-    bg = tl.program_id(1).to(tl.int64)
+def _ssd_chunk_bwd_dc(x_ptr, dy_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, dC_ptr, L, H, G, P, N, Lp, NC, Q,
+                      sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n,
+                      BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Rows t, one N block, summed over the heads of one group inside the program: dC."""
+    t0 = tl.program_id(0) * BT
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    bg = tl.program_id(2).to(tl.int64)
     b = bg // G
     g = bg % G
     R = H // G
     c = t0 // Q
-    dot_ty = x_ptr.dtype.element_ty
+    dot_ty: tl.constexpr = x_ptr.dtype.element_ty
     t = t0 + tl.arange(0, BT)
     tm = t < L
     t64 = t.to(tl.int64)
     p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
     pm = p < P
     nm = n < N
-    tp_mask = tm[:, None] & pm[None, :]
-    Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
-                 mask=tm[:, None] & nm[None, :], other=0.0).to(dot_ty)
     seq_t = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
     dC = tl.zeros((BT, BN), dtype=tl.float32)
     for r in range(0, R):
         h = g * R + r
         row = b * H + h
-        o_off = b * so_b + t64[:, None] * so_l + h * so_h + p[None, :] * so_p
-        z_off = b * sz_b + t64[:, None] * sz_l + h * sz_h + p[None, :] * sz_p
-        x_off = b * sx_b + t64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p
-        own_off = _own_off(b, t64, h, p, L, H, P)
-        dy, z = _gate(dout_ptr, z_ptr, o_off, z_off, tp_mask, HAS_Z)
-        if HAS_Z:  # out = ypre * silu(z), ypre = y + D x
-            ypre = tl.load(ypre_ptr + own_off, mask=tp_mask, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(z)
-            dout = tl.load(dout_ptr + o_off, mask=tp_mask, other=0.0).to(tl.float32)
-            tl.store(dz_ptr + own_off, (dout * ypre * sg * (1.0 + z * (1.0 - sg))).to(dz_ptr.dtype.element_ty),
-                     mask=tp_mask)
-        if HAS_D:
-            x_t = tl.load(x_ptr + x_off, mask=tp_mask, other=0.0).to(tl.float32)
-            tl.store(dD_ptr + ((b * tl.num_programs(0) + pid_t) * H + h) * P + p, tl.sum(dy * x_t, axis=0), mask=pm)
+        dy_t = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
+                       mask=tm[:, None] & pm[None, :], other=0.0).to(tl.float32)
         cs_t = tl.load(cs_ptr + row * Lp + t)
-        _, _, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+        seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)[2]
         into = tm & (seq_t == seq_in)
         hin = tl.load(hin_ptr + (row * NC + c) * P * N + p[:, None] * N + n[None, :],
                       mask=pm[:, None] & nm[None, :], other=0.0).to(dot_ty)
-        dyw = tl.where(into[:, None], dy * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
+        dyw = tl.where(into[:, None], dy_t * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
         dC = tl.dot(dyw.to(dot_ty), hin, dC, input_precision=PREC)
-        dcs = tl.sum(dyw * tl.dot(Ct, tl.trans(hin), input_precision=PREC), axis=1)
-        dy = dy.to(dot_ty)
-        for s0 in range(c * Q, t0 + BT, BS):
-            s = s0 + tl.arange(0, BS)
+        dy_d = dy_t.to(dot_ty)
+        for s0 in range(c * Q, t0 + BT, BT):
+            s = s0 + tl.arange(0, BT)
             sm = s < L
             s64 = s.to(tl.int64)
-            Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
-                         mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
             x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
                           mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)
             V = (x_s * tl.load(dtp_ptr + row * Lp + s)[:, None]).to(dot_ty)
-            same = (t[:, None] >= s[None, :]) & sm[None, :] & (seq_t[:, None] == _seq_at(seq_ptr, b, s, L, HAS_SEQ)[None, :])
-            decay = tl.where(same, tl.exp(tl.where(same, cs_t[:, None] - tl.load(cs_ptr + row * Lp + s)[None, :], 0.0)),
-                             0.0)
-            dCB = tl.dot(dy, tl.trans(V), input_precision=PREC) * decay
+            Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
+                         mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+            decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
+            dCB = tl.dot(dy_d, tl.trans(V), input_precision=PREC) * decay
             dC = tl.dot(dCB.to(dot_ty), Bs, dC, input_precision=PREC)
-            dcs += tl.sum(dCB * tl.dot(Ct, tl.trans(Bs), input_precision=PREC), axis=1)
-        key = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0)  # the key half, from _ssd_chunk_bwd_dxdb
-        tl.store(dcs_ptr + row * Lp + t, key + dcs, mask=tm)
     tl.store(dC_ptr + _own_off(b, t64, g, n, L, G, N), dC.to(dC_ptr.dtype.element_ty), mask=tm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, dcs_ptr,
+                       L, H, G, P, N, Lp, NC, Q,
+                       sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
+                       BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Rows t of one chunk and head: the query half of dcs, C_t.dC_t = sum_s dCB*CB + dy_t.(exp(cs_t) C_t h_in),
+    added to the key half written by _ssd_chunk_bwd_dx."""
+    t0 = tl.program_id(0) * BT
+    row = tl.program_id(1).to(tl.int64)
+    b = row // H
+    h = row % H
+    g = h // (H // G)
+    c = t0 // Q
+    dot_ty: tl.constexpr = x_ptr.dtype.element_ty
+    t = t0 + tl.arange(0, BT)
+    tm = t < L
+    t64 = t.to(tl.int64)
+    p = tl.arange(0, BP)
+    pm = p < P
+    c_rows = b * sc_b + t64 * sc_l + g * sc_g
+    seq_t = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
+    cs_t = tl.load(cs_ptr + row * Lp + t)
+    seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)[2]
+    into = tm & (seq_t == seq_in)
+    dy_t = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
+                   mask=tm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+    Z = _rowdot(C_ptr, c_rows, tm, sc_n, hin_ptr, (row * NC + c) * P * N + p.to(tl.int64) * N, pm, 1, N,
+                dot_ty, BT, BP, BK, PREC)
+    dyw = tl.where(into[:, None], dy_t * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
+    dcs = tl.sum(tl.where(into[:, None], dyw * Z, 0.0), axis=1)
+    dy_d = dy_t.to(dot_ty)
+    for s0 in range(c * Q, t0 + BT, BT):
+        s = s0 + tl.arange(0, BT)
+        sm = s < L
+        s64 = s.to(tl.int64)
+        x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                      mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+        V = (x_s * tl.load(dtp_ptr + row * Lp + s)[:, None]).to(dot_ty)
+        CB = _rowdot(C_ptr, c_rows, tm, sc_n, B_ptr, b * sb_b + s64 * sb_l + g * sb_g, sm, sb_n, N,
+                     dot_ty, BT, BT, BK, PREC)
+        decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
+        dCB = tl.dot(dy_d, tl.trans(V), input_precision=PREC) * decay
+        dcs += tl.sum(dCB * CB, axis=1)
+    key = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0)
+    tl.store(dcs_ptr + row * Lp + t, key + dcs, mask=tm)
 
 
 @triton.jit
@@ -473,7 +555,7 @@ def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, dcs_ptr, ddtx_ptr, df
         if HAS_SEQ:
             ends = _seq_at(seq_ptr, b, t, L, HAS_SEQ) != _seq_at(seq_ptr, b, t + 1, L, HAS_SEQ)
             v += tl.where((i == 0) & (ends == 0), carry, 0.0)
-            ddA, _ = tl.associative_scan((v, ends), 0, _seg_add)
+            ddA = tl.associative_scan((v, ends), 0, _seg_add)[0]
         else:
             v += tl.where(i == 0, carry, 0.0)
             ddA = tl.cumsum(v, 0)
@@ -483,7 +565,7 @@ def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, dcs_ptr, ddtx_ptr, df
         dA_acc += tl.sum(tl.where(tm, ddA * dtp, 0.0), axis=0)
         t64 = t.to(tl.int64)
         raw = tl.load(dt_ptr + b * sdt_b + t64 * sdt_l + h * sdt_h, mask=tm, other=0.0).to(tl.float32)
-        _, d = _dt_raw_to_processed(raw, bias, dt_lo, dt_hi, SOFTPLUS, HAS_LIMIT)
+        d = _dt_raw_to_processed(raw, bias, dt_lo, dt_hi, SOFTPLUS, HAS_LIMIT)[1]
         draw = tl.where(tm, ddt * d, 0.0)
         dbias_acc += tl.sum(draw, axis=0)
         tl.store(ddt_ptr + (b * L + t64) * H + h, draw.to(ddt_ptr.dtype.element_ty), mask=tm)
@@ -498,21 +580,24 @@ def _pow2(v):
 
 
 def block_config(kernel: str, P: int, N: int, dtype: torch.dtype) -> dict:
-    """Documented heuristic (checked spill-free within 232,448 B of shared memory on sm_90 by compile_specs):
-    row tiles of 64 for the forward and the state passes; the backward chunk kernels hold a whole head
-    (P x N) per program and accumulate over a group's heads, so they take 32-row tiles, and 16-row tiles
-    when fp32 tiles of a 128 x 256 head would not fit."""
-    BP, BN = _pow2(P), _pow2(N)
+    """Documented heuristic, checked spill-free and within 232,448 B of shared memory on sm_90 for headdim
+    64/128, d_state 64/128/256, bf16 and fp32 (compile_specs lists every pick). Every program holds at most a
+    64 x 64 accumulator plus one row tile of the full headdim: d_state is walked 64 columns at a time
+    (BK) or split over programs (BN); the state passes tile (P, N) in 64 x 64 blocks."""
+    BP = _pow2(P)
+    rows = 64 if dtype != torch.float32 else 32
     if kernel in ("state_fwd", "state_bwd"):
-        return dict(BS=64, BP=min(BP, 64), BN=min(BN, 64), num_warps=4, num_stages=2)
+        return dict(BS=64, BP=min(BP, 64), BN=min(_pow2(N), 64), num_warps=4, num_stages=2)
     if kernel == "chunk_scan_fwd":
-        return dict(BT=64, BP=min(BP, 64), BN=BN, num_warps=4, num_stages=2)
-    big = BP * BN * (4 if dtype == torch.float32 else 2) > 64 * 1024
-    rows = 16 if big else 32
-    if kernel == "chunk_bwd_dxdb":
-        return dict(BS=rows, BT=rows, BP=BP, BN=BN, num_warps=4, num_stages=1)
-    if kernel == "chunk_bwd_dc":
-        return dict(BT=rows, BS=rows, BP=BP, BN=BN, num_warps=4, num_stages=1)
+        return dict(BT=64, BP=min(BP, 64), BK=min(_pow2(N), 64), num_warps=4, num_stages=2)
+    if kernel in ("chunk_bwd_dx", "chunk_bwd_dcs"):
+        return dict({"BS" if kernel == "chunk_bwd_dx" else "BT": rows}, BP=BP, BK=min(_pow2(N), 64),
+                    num_warps=4 if BP <= 64 else 8, num_stages=2)
+    if kernel in ("chunk_bwd_db", "chunk_bwd_dc"):
+        return dict({"BS" if kernel == "chunk_bwd_db" else "BT": rows}, BP=BP, BN=min(_pow2(N), 64),
+                    num_warps=4 if BP <= 64 else 8, num_stages=2)
+    if kernel == "gate_bwd":
+        return dict(BT=32, BP=BP, num_warps=4, num_stages=1)
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
@@ -540,7 +625,7 @@ class _SSD(torch.autograd.Function):
         _ssd_dt_cumsum_fwd[(batch * H, NC)](
             dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, cs, L, H, Lp, *dt.stride(),
             lo, hi if has_limit else 0.0, Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
-            HAS_LIMIT=has_limit, HAS_SEQ=seq is not None)
+            HAS_LIMIT=has_limit, HAS_SEQ=seq is not None, num_warps=4, num_stages=1)
         hin = torch.empty(batch * H, NC, P, N, device=dev, dtype=x.dtype)
         final = torch.empty(batch, H, P, N, **f32)
         cfg = block_config("state_fwd", P, N, x.dtype)
@@ -572,41 +657,53 @@ class _SSD(torch.autograd.Function):
         dev = x.device
         f32 = dict(device=dev, dtype=torch.float32)
         seq_arg = seq if seq is not None else dt
-        zz = z if z is not None else x
+        has_seq = seq is not None
         if dout is None:
             dout = torch.zeros_like(x)
         dfinal = dfinal.float().contiguous() if dfinal is not None else None
-        # 4. gradient of every chunk's end state (x's dtype) and of the initial state
+        dz = None
+        dy = dout
+        if z is not None:  # 4. the gate: dy = dout * silu(z), dz
+            dy = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
+            dz = torch.empty(batch, L, H, P, device=dev, dtype=z.dtype)
+            cfg = block_config("gate_bwd", P, N, x.dtype)
+            _ssd_gate_bwd[(triton.cdiv(L, cfg["BT"]), batch * H)](dout, z, ypre, dy, dz, L, H, P, *_s4(dout),
+                                                                  *_s4(z), **cfg)
+        # 5. gradient of every chunk's end state (x's dtype) and of the initial state
         dS = torch.empty_like(hin)
         dh0 = torch.empty(batch, H, P, N, **f32)
         cfg = block_config("state_bwd", P, N, x.dtype)
         _ssd_state_bwd[(batch * H, triton.cdiv(P, cfg["BP"]), triton.cdiv(N, cfg["BN"]))](
-            dout, zz, C, cs, seq_arg, dfinal if dfinal is not None else dh0, dS, dh0, L, H, G, P, N, Lp, NC, Q,
-            *_s4(dout), *_s4(zz), *_s4(C), HAS_SEQ=seq is not None, HAS_Z=z is not None,
-            HAS_DFINAL=dfinal is not None, PREC=precision, **cfg)
-        # 5. key side
+            dy, C, cs, seq_arg, dfinal if dfinal is not None else dh0, dS, dh0, L, H, G, P, N, Lp, NC, Q,
+            *_s4(dy), *_s4(C), HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None, PREC=precision, **cfg)
+        # 6. key side per head: dx, dt.x, key half of dcs, D partials
         dx = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
-        dB = torch.empty(batch, L, G, N, device=dev, dtype=B.dtype)
         ddtx = torch.empty(batch * H, Lp, **f32)
         dcs = torch.empty(batch * H, Lp, **f32)
-        cfg = block_config("chunk_bwd_dxdb", P, N, x.dtype)
-        _ssd_chunk_bwd_dxdb[(triton.cdiv(L, cfg["BS"]), batch * G)](
-            x, zz, dout, B, C, dtp, cs, seq_arg, dS, D if D is not None else A, dx, dB, ddtx, dcs,
-            L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(zz), *_s4(dout), *_s4(B), *_s4(C),
-            HAS_SEQ=seq is not None, HAS_Z=z is not None, HAS_D=D is not None,
+        cfg = block_config("chunk_bwd_dx", P, N, x.dtype)
+        n_s = triton.cdiv(L, cfg["BS"])
+        dD_part = torch.empty(batch * n_s, H, P, **f32) if D is not None else dcs
+        _ssd_chunk_bwd_dx[(n_s, batch * H)](
+            x, dy, B, C, dtp, cs, seq_arg, dS, D if D is not None else A, dx, ddtx, dcs, dD_part,
+            L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B), *_s4(C), HAS_SEQ=has_seq, HAS_D=D is not None,
             D_PER_CHANNEL=D is not None and D.dim() == 2, PREC=precision, **cfg)
-        # 6. query side
+        # 7. dB and dC, each summed over a group's heads in the program
+        dB = torch.empty(batch, L, G, N, device=dev, dtype=B.dtype)
+        cfg = block_config("chunk_bwd_db", P, N, x.dtype)
+        _ssd_chunk_bwd_db[(triton.cdiv(L, cfg["BS"]), triton.cdiv(N, cfg["BN"]), batch * G)](
+            x, dy, C, dtp, cs, seq_arg, dS, dB, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(C),
+            HAS_SEQ=has_seq, PREC=precision, **cfg)
         dC = torch.empty(batch, L, G, N, device=dev, dtype=C.dtype)
-        dz = torch.empty(batch, L, H, P, device=dev, dtype=z.dtype) if z is not None else None
         cfg = block_config("chunk_bwd_dc", P, N, x.dtype)
-        n_t = triton.cdiv(L, cfg["BT"])
-        dD_part = torch.empty(batch * n_t, H, P, **f32) if D is not None else dcs
-        _ssd_chunk_bwd_dc[(n_t, batch * G)](
-            x, zz, dout, ypre if ypre is not None else x, B, C, dtp, cs, seq_arg, hin, dC,
-            dz if dz is not None else dx, dD_part, dcs, L, H, G, P, N, Lp, NC, Q,
-            *_s4(x), *_s4(zz), *_s4(dout), *_s4(B), *_s4(C),
-            HAS_SEQ=seq is not None, HAS_Z=z is not None, HAS_D=D is not None, PREC=precision, **cfg)
-        # 7. decays, dt, A, dt_bias
+        _ssd_chunk_bwd_dc[(triton.cdiv(L, cfg["BT"]), triton.cdiv(N, cfg["BN"]), batch * G)](
+            x, dy, B, dtp, cs, seq_arg, hin, dC, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
+            HAS_SEQ=has_seq, PREC=precision, **cfg)
+        # 8. query half of dcs
+        cfg = block_config("chunk_bwd_dcs", P, N, x.dtype)
+        _ssd_chunk_bwd_dcs[(triton.cdiv(L, cfg["BT"]), batch * H)](
+            x, dy, B, C, dtp, cs, seq_arg, hin, dcs, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
+            *_s4(C), HAS_SEQ=has_seq, PREC=precision, **cfg)
+        # 9. decays, dt, A, dt_bias
         ddt = torch.empty(batch, L, H, device=dev, dtype=dt.dtype)
         dA_part = torch.empty(batch * H, **f32)
         dbias_part = torch.empty(batch * H, **f32)
@@ -615,7 +712,7 @@ class _SSD(torch.autograd.Function):
             dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, dcs, ddtx, dfin_dot, ddt, dA_part,
             dbias_part, L, H, Lp, NC, *dt.stride(), lo, hi if has_limit else 0.0,
             Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, HAS_LIMIT=has_limit,
-            HAS_SEQ=seq is not None, HAS_DFINAL=dfinal is not None)
+            HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None, num_warps=4, num_stages=1)
         dA = dA_part.view(batch, H).sum(0).to(A.dtype)
         dD = None
         if D is not None:
@@ -648,9 +745,12 @@ _KERNEL_FLAGS = {  # kernel name -> (fn, block-config name or None, feature flag
     "dt_cumsum_fwd": (_ssd_dt_cumsum_fwd, None, ("HAS_BIAS", "SOFTPLUS", "HAS_LIMIT", "HAS_SEQ")),
     "state_fwd": (_ssd_state_fwd, "state_fwd", ("HAS_SEQ", "HAS_H0")),
     "chunk_scan_fwd": (_ssd_chunk_scan_fwd, "chunk_scan_fwd", ("HAS_SEQ", "HAS_D", "D_PER_CHANNEL", "HAS_Z")),
-    "state_bwd": (_ssd_state_bwd, "state_bwd", ("HAS_SEQ", "HAS_Z", "HAS_DFINAL")),
-    "chunk_bwd_dxdb": (_ssd_chunk_bwd_dxdb, "chunk_bwd_dxdb", ("HAS_SEQ", "HAS_Z", "HAS_D", "D_PER_CHANNEL")),
-    "chunk_bwd_dc": (_ssd_chunk_bwd_dc, "chunk_bwd_dc", ("HAS_SEQ", "HAS_Z", "HAS_D")),
+    "state_bwd": (_ssd_state_bwd, "state_bwd", ("HAS_SEQ", "HAS_DFINAL")),
+    "gate_bwd": (_ssd_gate_bwd, "gate_bwd", ()),
+    "chunk_bwd_dx": (_ssd_chunk_bwd_dx, "chunk_bwd_dx", ("HAS_SEQ", "HAS_D", "D_PER_CHANNEL")),
+    "chunk_bwd_db": (_ssd_chunk_bwd_db, "chunk_bwd_db", ("HAS_SEQ",)),
+    "chunk_bwd_dc": (_ssd_chunk_bwd_dc, "chunk_bwd_dc", ("HAS_SEQ",)),
+    "chunk_bwd_dcs": (_ssd_chunk_bwd_dcs, "chunk_bwd_dcs", ("HAS_SEQ",)),
     "dt_bwd": (_ssd_dt_bwd, None, ("HAS_BIAS", "SOFTPLUS", "HAS_LIMIT", "HAS_SEQ", "HAS_DFINAL")),
 }
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

@@ -18,7 +18,6 @@ on these kernels on any device and takes `seq_idx` for packed sequences.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import importlib.metadata
 import importlib.util
 import re
@@ -191,11 +190,9 @@ def install_mamba_ssm_aliases():
 
 def uninstall_mamba_ssm_aliases():
     """Removes the finder and every aliased module from sys.modules (modules that imported them keep them)."""
-    finders = [finder for finder in sys.meta_path if isinstance(finder, AliasFinder)]
-    for finder in finders:
-        sys.meta_path.remove(finder)
-        for name in [n for n, m in sys.modules.items() if isinstance(getattr(m, "__loader__", None), AliasFinder)]:
-            del sys.modules[name]
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, AliasFinder)]
+    for name in [n for n, m in sys.modules.items() if isinstance(getattr(m, "__loader__", None), AliasFinder)]:
+        del sys.modules[name]
 
 
 class TransformersMixerForward:

@@ -109,13 +109,21 @@ def test_both_import_from_the_fresh_venv(venv_with_both, tmp_path):
 
 
 def test_transformers_model_imports_next_to_both(venv_with_both, tmp_path):
-    """The collision the rename removes: transformers imports Hugging Face's `kernels` when it is installed."""
+    """The collision the rename removes: transformers imports Hugging Face's `kernels` when it is installed;
+    and the installed compat layer serves mamba_ssm to transformers' Mamba2."""
     pytest.importorskip("transformers", reason="transformers is not installed in this environment")
     out = run_in_venv(venv_with_both, """
-        from transformers import MambaConfig, MambaForCausalLM
-        from transformers.utils.import_utils import is_kernels_available
+        import torch
         import mamba_kernels
-        model = MambaForCausalLM(MambaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, state_size=4))
-        print("ok", is_kernels_available())
+        from mamba_kernels.compat import install_mamba_ssm_aliases
+        assert install_mamba_ssm_aliases() == ["causal_conv1d", "mamba_ssm"]
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        assert mamba_chunk_scan_combined is mamba_kernels.mamba_chunk_scan_combined
+        from transformers import Mamba2Config, Mamba2ForCausalLM
+        config = Mamba2Config(vocab_size=16, hidden_size=8, num_hidden_layers=1, state_size=4, head_dim=4,
+                              num_heads=4, n_groups=1, chunk_size=4)
+        logits = Mamba2ForCausalLM(config)(torch.arange(6)[None]).logits
+        assert logits.shape == (1, 6, 16) and bool(logits.isfinite().all())
+        print("ok")
     """, cwd=tmp_path)
-    assert out.strip().startswith("ok"), out
+    assert out.strip() == "ok", out

@@ -4,33 +4,41 @@
     torchrun --standalone --nproc_per_node=1 train_gpt.py --preset=cpu     # small model, demo corpus, CPU
     python train_gpt.py --preset=cpu --num_iterations=50 --run_name=try1   # any field of Hyperparameters
 
+    python train_gpt.py --preset=cpu --runs=3 --seed=0                    # 3 seeds back to back, then stats
+
 Sections: 1 hyperparameters and command line; 2 Muon; 3 model (attention masks, FP8 head); 4 data;
 5 records; 6 training.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
-import math
 import os
-import platform
-import subprocess
-import sys
-import time
-import uuid
+
+# read when CUDA initialises, so set before anything touches it (record 21 sets it too)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_DIR))
-from data.shards import EOT_ID, ShardError, read_shard, shard_files  # noqa: E402
+from data.shards import EOT_ID, ShardError, check_shard, read_shard, shard_files  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # 1. Hyperparameters and command line
@@ -88,9 +96,12 @@ class Hyperparameters:
     fp8_head: str = "auto"              # on | off; auto = on for Hopper (sm90+)
     dtype: str = "auto"                 # bfloat16 | float32 activations; auto = bf16 on CUDA, fp32 on CPU
     seed: int = -1                      # -1: unseeded, as upstream
-    sync_every_step: bool = True        # exact per-step ms in the record (costs a device sync per step)
+    sync_every_step: bool = False       # True: a device sync after every step (slower; CUDA events time
+                                        # each step without it)
     records_dir: str = "records"
     save_record: bool = True
+    runs: int = 1                       # >1: this many seeds back to back (seed, seed+1, ...), then statistics
+    target_loss: float = 3.28           # --runs: one-sided t-test that the mean final val loss is below this
 
 
 PRESETS = {
@@ -132,8 +143,9 @@ def parse_args(argv: list[str], cuda: bool) -> Hyperparameters:
             raise SystemExit(f"unexpected argument {arg!r}: use --key=value (keys: {', '.join(known)})")
         key, eq, val = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"--{key} needs a value")
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                nxt = f"; the next argument {argv[i + 1]!r} is a flag" if i + 1 < len(argv) else ""
+                raise SystemExit(f"--{key} needs a value (--{key}=VALUE){nxt}")
             val, i = argv[i + 1], i + 1
         if key not in known:
             raise SystemExit(f"unknown hyperparameter --{key}; known: {', '.join(known)}")
@@ -152,32 +164,57 @@ def parse_args(argv: list[str], cuda: bool) -> Hyperparameters:
     return args
 
 
+# (lower, upper) bounds per numeric flag; None = unbounded on that side
+BOUNDS = dict(
+    val_tokens=(1, None), train_seq_len=(1, None), val_seq_len=(1, None), batch_slices=(1, None),
+    num_iterations=(1, None), cooldown_frac=(0.0, 1.0), val_loss_every=(0, None), warmup_steps=(0, None),
+    vocab_size=(EOT_ID + 1, 2 ** 16), num_layers=(6, None), num_heads=(1, None), head_dim=(4, None),
+    model_dim=(1, None), window_max_tokens=(1, None), block_size=(1, None), attn_scale=(0.0, None),
+    loss_chunk=(0, None), chars_per_token=(1, 128), char_dim=(1, None), char_window_tokens=(1, None),
+    char_heads=(1, None), cross_heads=(1, None), cross_prev_tokens=(0, None), mot_lr=(0.0, None),
+    head_lr=(0.0, None), embed_lr=(0.0, None), scalar_lr=(0.0, None), muon_lr=(0.0, None),
+    muon_momentum_start=(0.0, 1.0), muon_momentum_end=(0.0, 1.0), muon_momentum_warmup=(0, None),
+    seed=(-1, None), runs=(1, None),
+)
+CHOICES = dict(attention=("auto", "flex", "sdpa"), compile=("auto", "on", "off"), fp8_head=("auto", "on", "off"),
+               dtype=("auto", "bfloat16", "float32"), mot=MOT_VARIANTS)
+
+
 def validate_args(a: Hyperparameters):
+    """Every flag checked before anything is built or written; the message names the flag and the range."""
     def need(cond, msg):
         if not cond:
             raise SystemExit(f"bad hyperparameters: {msg}")
-    need(a.num_layers % 2 == 0, f"num_layers must be even (U-net skips pair layer i with L-1-i), got {a.num_layers}")
-    need(a.num_layers >= 6, f"num_layers must be >= 6 (value embeddings on the first and last 3), got {a.num_layers}")
+    for key, (low, high) in BOUNDS.items():
+        v = getattr(a, key)
+        need(math.isfinite(v), f"--{key} must be a finite number, got {v}")
+        need((low is None or v >= low) and (high is None or v <= high),
+             f"--{key} must be in [{low}, {'inf' if high is None else high}], got {v}")
+    for key, allowed in CHOICES.items():
+        need(getattr(a, key) in allowed, f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
+    for key in ("run_name", "train_files", "val_files", "records_dir"):
+        need(getattr(a, key).strip() != "", f"--{key} must not be empty")
+    need(math.isfinite(a.target_loss), f"--target_loss must be a finite number, got {a.target_loss}")
+    need(a.num_layers % 2 == 0, f"--num_layers must be even (U-net skips pair layer i with L-1-i), got {a.num_layers}")
     need(len(a.window_pattern) == a.num_layers and set(a.window_pattern) <= {"L", "S"},
-         f"window_pattern must have one L/S per layer ({a.num_layers}), got {a.window_pattern!r}")
+         f"--window_pattern must have one L/S per layer ({a.num_layers}), got {a.window_pattern!r}")
     need(a.train_seq_len % a.block_size == 0 and a.val_seq_len % a.block_size == 0,
-         f"train_seq_len ({a.train_seq_len}) and val_seq_len ({a.val_seq_len}) must be multiples of block_size ({a.block_size})")
-    need(a.head_dim % 4 == 0, f"head_dim must be a multiple of 4 (half-truncated rotary), got {a.head_dim}")
-    need(a.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {a.attention!r}")
-    for k in ("compile", "fp8_head"):
-        need(getattr(a, k) in ("auto", "on", "off"), f"{k} must be auto, on or off, got {getattr(a, k)!r}")
-    need(a.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got {a.dtype!r}")
-    need(a.num_iterations >= 1, f"num_iterations must be >= 1, got {a.num_iterations}")
-    need(a.mot in MOT_VARIANTS, f"mot must be one of {', '.join(MOT_VARIANTS)}, got {a.mot!r}")
+         f"--train_seq_len ({a.train_seq_len}) and --val_seq_len ({a.val_seq_len}) must be multiples of "
+         f"--block_size ({a.block_size})")
+    need(a.head_dim % 4 == 0, f"--head_dim must be a multiple of 4 (half-truncated rotary), got {a.head_dim}")
+    need(a.val_tokens % a.val_seq_len == 0,
+         f"--val_tokens ({a.val_tokens}) must be a multiple of --val_seq_len ({a.val_seq_len})")
+    layers = [s.strip() for s in a.no_attn_layers.split(",") if s.strip()]
+    need(all(s.isdigit() and int(s) < a.num_layers for s in layers),
+         f"--no_attn_layers must be comma-separated layer indices in [0, {a.num_layers}), got {a.no_attn_layers!r}")
     if a.mot != "none":
-        need(1 <= a.chars_per_token <= 128, f"chars_per_token must be in [1, 128], got {a.chars_per_token}")
         need(a.char_dim % a.char_heads == 0 and a.char_dim % a.cross_heads == 0,
-             f"char_dim ({a.char_dim}) must be divisible by char_heads ({a.char_heads}) and cross_heads ({a.cross_heads})")
-        need(a.char_window_tokens >= 1 and a.cross_prev_tokens >= 0, "char_window_tokens >= 1, cross_prev_tokens >= 0")
+             f"--char_dim ({a.char_dim}) must be divisible by --char_heads ({a.char_heads}) and "
+             f"--cross_heads ({a.cross_heads})")
 
 
 def no_attn_set(a: Hyperparameters) -> set[int]:
-    return {int(s) for s in a.no_attn_layers.split(",") if s.strip() and int(s) < a.num_layers}
+    return {int(s) for s in a.no_attn_layers.split(",") if s.strip()}
 
 
 def next_multiple_of_n(v: float, n: int) -> int:
@@ -207,10 +244,13 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum + Newton-Schulz orthogonalisation for 2-D (or stacked 2-D) weights.
-    With several ranks each orthogonalises every world_size-th matrix of a same-shape group and the
-    updates are all-gathered, so no rank does all the Newton-Schulz work."""
+    With several ranks each orthogonalises every world_size-th matrix of a same-shape group and the bf16
+    updates are all-gathered into one buffer, asynchronously: the exchange of one round of matrices
+    overlaps the orthogonalisation of the next (as record 21). `orthogonalise` is
+    zeropower_via_newtonschulz5, compiled on CUDA by the caller."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, rank=0, world_size=1):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, rank=0, world_size=1,
+                 orthogonalise=zeropower_via_newtonschulz5):
         params = list(params)
         shapes = []
         for p in params:
@@ -218,37 +258,51 @@ class Muon(torch.optim.Optimizer):
                 shapes.append(p.shape)
         groups = [dict(params=[p for p in params if p.shape == s]) for s in shapes]
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.orthogonalise = rank, world_size, orthogonalise
+
+    def _update(self, p: Tensor, group: dict) -> Tensor:
+        g = p.grad
+        assert g is not None, "Muon parameter without a gradient"
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g)
+        buf = state["momentum_buffer"]
+        buf.lerp_(g, 1 - group["momentum"])
+        g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        return self.orthogonalise(g, group["ns_steps"]).bfloat16()
 
     @torch.no_grad()
     def step(self):
+        ws = self.world_size
         for group in self.param_groups:
-            params, ws = group["params"], self.world_size
+            params = group["params"]
+            pending = None  # (first index, gathered (ws, *shape) bf16 updates, async handle) of the last round
+
+            def apply(first, gathered, handle):
+                if handle is not None:
+                    handle.wait()
+                for j in range(min(ws, len(params) - first)):
+                    p = params[first + j]
+                    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                    p.add_(gathered[j].view_as(p), alpha=-group["lr"] * scale)
+
             for base in range(0, len(params), ws):
                 mine = base + self.rank
-                if mine < len(params):
-                    p = params[mine]
-                    g = p.grad
-                    assert g is not None, "Muon parameter without a gradient"
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(g)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(g, 1 - group["momentum"])
-                    g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                    update = zeropower_via_newtonschulz5(g, group["ns_steps"]).to(p.dtype)
-                else:
-                    update = torch.zeros_like(params[base])  # this rank has no matrix left in the group
+                # a rank with no matrix left in this round sends zeros (all_gather needs every rank)
+                update = (self._update(params[mine], group) if mine < len(params)
+                          else torch.zeros_like(params[base], dtype=torch.bfloat16))
                 if ws > 1:
-                    gathered = [torch.empty_like(update) for _ in range(ws)]
-                    dist.all_gather(gathered, update.contiguous())
+                    # flat buffers: gloo accepts only a concatenation along dim 0, NCCL either
+                    flat = update.new_empty(ws * update.numel())
+                    handle = dist.all_gather_into_tensor(flat, update.flatten(), async_op=True)
+                    gathered = flat.view(ws, *update.shape)
                 else:
-                    gathered = [update]
-                for j, u in enumerate(gathered):
-                    if base + j < len(params):
-                        p = params[base + j]
-                        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                        p.add_(u.view_as(p), alpha=-group["lr"] * scale)
+                    gathered, handle = update[None], None
+                if pending is not None:
+                    apply(*pending)
+                pending = (base, gathered, handle)
+            if pending is not None:
+                apply(*pending)
 
 
 # -----------------------------------------------------------------------------
@@ -259,39 +313,88 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+# --- FP8 head (Hopper): e4m3 inputs, e5m2 gradients, torch._scaled_mm, fixed scales --------------------
+#
+# A tensor is multiplied by its scale before the cast to fp8 and _scaled_mm divides it out. Record 21's
+# scales (x_s = 2, w_s = 2**9, grad_s = 2**19) go with a mean loss over T = 49,152 tokens and no
+# accumulation: the logit gradients are about (p - onehot) / T, so grad_s = 2**19 lifts them to
+# (p - onehot) * 10.7, inside e5m2's normal range (2**-14 .. 57,344) for every p above ~5e-6.
+# With T tokens per micro-step and grad_accum micro-steps the loss is divided by T * grad_accum, so
+# grad_s grows by the same factor and every GPU count sees the same fp8 gradient values.
+
+FP8_REFERENCE_TOKENS = 48 * 1024  # record 21: train_seq_len on each of 8 GPUs, grad_accum 1
+
+
+def fp8_head_scales(tokens_per_micro_step: int, grad_accum: int) -> tuple[float, float, float]:
+    """(x_s, w_s, grad_s) of record 21, grad_s rescaled to this run's loss normalisation."""
+    return 2.0, 2.0 ** 9, 2.0 ** 19 * grad_accum * tokens_per_micro_step / FP8_REFERENCE_TOKENS
+
+
+def _scale_tensor(s: float, like: Tensor) -> Tensor:
+    # made on the device (a fill kernel, or a constant under torch.compile): no host-to-device copy
+    return torch.full((), s, dtype=torch.float32, device=like.device)
+
+
+def _fp8_forward_impl(x: Tensor, w: Tensor, x_s: float, w_s: float):
+    x_f8 = x.mul(x_s).to(torch.float8_e4m3fn)
+    w_f8 = w.mul(w_s).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, use_fast_accum=True,
+                           scale_a=_scale_tensor(1 / x_s, x), scale_b=_scale_tensor(1 / w_s, x))
+    return out, x_f8, w_f8
+
+
+def _fp8_backward_impl(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float):
+    g_f8 = g.mul(grad_s).to(torch.float8_e5m2)
+    # _scaled_mm wants its second operand column-major: .T.contiguous().T
+    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16, use_fast_accum=False,
+                              scale_a=_scale_tensor(1 / grad_s, g), scale_b=_scale_tensor(1 / w_s, g))
+    # (in, out) row-major, returned transposed: the weight gradient has strides (1, out)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                              use_fast_accum=False, scale_a=_scale_tensor(1 / x_s, g),
+                              scale_b=_scale_tensor(1 / grad_s, g)).T
+    return grad_x, grad_w
+
+
+# On CUDA the scale-and-cast is fused by torch.compile (eagerly, g.mul(grad_s) alone would materialise a
+# (T, 50304) bf16 temporary, 4.9 GB at T = 49,152); on the CPU (tests) it runs eagerly.
+_compiled_fp8 = {}
+
+
+def _on_device(fn):
+    def call(*args):
+        if not args[0].is_cuda:
+            return fn(*args)
+        if fn not in _compiled_fp8:
+            _compiled_fp8[fn] = torch.compile(fn, dynamic=False)
+        return _compiled_fp8[fn](*args)
+    return call
+
+
 @torch.library.custom_op("nanogpt_mot::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x @ w.T with x in e4m3 (scale x_s) and w in e4m3 (scale w_s); returns bf16 out and the fp8 copies."""
-    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
-    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
-    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, use_fast_accum=True,
-                           scale_a=x.new_tensor(x_s, dtype=torch.float32),
-                           scale_b=x.new_tensor(w_s, dtype=torch.float32))
-    return out, x_f8, w_f8
+    """x @ w.T with x, w in e4m3; returns the bf16 product and the fp8 copies (saved for backward)."""
+    assert x.ndim == w.ndim == 2 and x.size(1) == w.size(1) and x.is_contiguous() and w.is_contiguous()
+    return _on_device(_fp8_forward_impl)(x, w, x_s, w_s)
 
 
 @fp8_mm.register_fake
 def _(x, w, x_s, w_s, grad_s):
     return (x.new_empty(x.size(0), w.size(0), dtype=torch.bfloat16),
-            x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn))
+            x.new_empty(x.shape, dtype=torch.float8_e4m3fn), w.new_empty(w.shape, dtype=torch.float8_e4m3fn))
 
 
 @torch.library.custom_op("nanogpt_mot::fp8_mm_backward", mutates_args=())
 def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
-    """Gradients in e5m2 (scale grad_s): dx = g @ w (bf16), dw = g.T @ x (fp32, for the optimizer)."""
-    one = lambda s: g.new_tensor(s, dtype=torch.float32)  # noqa: E731
-    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
-    # _scaled_mm wants its second operand column-major: .T.contiguous().T
-    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
-                              scale_a=one(grad_s), scale_b=one(w_s), use_fast_accum=False)
-    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
-                              scale_a=one(x_s), scale_b=one(grad_s), use_fast_accum=False).T
-    return grad_x, grad_w
+    """Gradients through e5m2: dx = g @ w (bf16), dw = g.T @ x (fp32, for the optimizer)."""
+    return _on_device(_fp8_backward_impl)(g, x_f8, w_f8, x_s, w_s, grad_s)
 
 
 @fp8_mm_backward.register_fake
 def _(g, x_f8, w_f8, x_s, w_s, grad_s):
-    return x_f8.to(torch.bfloat16), w_f8.to(torch.float32)
+    # the strides the real op returns: grad_x row-major, grad_w the transpose of an (in, out) matrix
+    grad_x = g.new_empty(g.size(0), w_f8.size(1), dtype=torch.bfloat16)
+    grad_w = g.new_empty(w_f8.size(1), w_f8.size(0), dtype=torch.float32).T
+    return grad_x, grad_w
 
 
 def _fp8_backward(ctx, grad_out, *_):
@@ -324,7 +427,7 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_fp8 and self.training:
-            flat = x.flatten(0, -2)
+            flat = x.flatten(0, -2).contiguous()
             out = torch.ops.nanogpt_mot.fp8_mm(flat, self.weight, self.x_s, self.w_s, self.grad_s)[0]
             return out.reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight.type_as(x))
@@ -532,6 +635,19 @@ def windowed_keys(x: Tensor, window: int) -> Tensor:
     return padded.unfold(0, window, 1).permute(0, 3, 1, 2).reshape(T, window * C, D)
 
 
+SDPA_MAX_BATCH = 65535  # grid limit of the memory-efficient SDPA kernel on the batch dimension
+
+
+def batched_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """scaled_dot_product_attention with the batch (one entry per token: T of them, 262,144 at validation)
+    split into pieces of at most SDPA_MAX_BATCH."""
+    if q.size(0) <= SDPA_MAX_BATCH:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.cat([F.scaled_dot_product_attention(q[s:s + SDPA_MAX_BATCH], k[s:s + SDPA_MAX_BATCH],
+                                                     v[s:s + SDPA_MAX_BATCH], attn_mask=mask[s:s + SDPA_MAX_BATCH])
+                      for s in range(0, q.size(0), SDPA_MAX_BATCH)])
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """(T, S, heads*dh) -> (T, heads, S, dh): explicit, so a token's heads never mix with other tokens."""
     T, S, D = x.shape
@@ -550,8 +666,8 @@ class CharSelfAttention(nn.Module):
         q, k, v = self.qkv(norm(x)).chunk(3, dim=-1)
         q, k = norm(q.unflatten(-1, (self.heads, -1))).flatten(-2), norm(k.unflatten(-1, (self.heads, -1))).flatten(-2)
         kw, vw = windowed_keys(k, self.window), windowed_keys(v, self.window)
-        y = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(kw, self.heads),
-                                           split_heads(vw, self.heads), attn_mask=mask[:, None])
+        y = batched_sdpa(split_heads(q, self.heads), split_heads(kw, self.heads), split_heads(vw, self.heads),
+                         mask[:, None])
         return x + self.proj(y.transpose(1, 2).flatten(-2))
 
 
@@ -580,6 +696,8 @@ class MixtureOfTokenizers(nn.Module):
         self.a = a
         self.register_buffer("byte_table", build_byte_table(num_ids, a.chars_per_token, a.vocab_size), persistent=False)
         self.char_embed = nn.Embedding(CHAR_VOCAB, a.char_dim)
+        # byte-slot position: without it cross-attention reads a token's bytes as a bag ("stop" = "pots")
+        self.char_pos_embed = nn.Embedding(a.chars_per_token, a.char_dim)
         encoder = a.mot.partition("+")[2]
         self.encoder_kind = encoder or None
         if encoder == "attn":
@@ -594,7 +712,7 @@ class MixtureOfTokenizers(nn.Module):
     def chars(self, input_seq: Tensor, docs: Tensor) -> Tensor:
         """Char features (T, C, char_dim) after the optional char encoder."""
         ids = self.byte_table[input_seq].long()  # (T, C), integers end to end
-        x = self.char_embed(ids)
+        x = self.char_embed(ids) + self.char_pos_embed.weight  # (T, C, char_dim) + (C, char_dim)
         if self.encoder_kind == "attn":
             x = self.encoder(x, char_window_mask(docs, ids, self.a.char_window_tokens))
         elif self.encoder_kind is not None:
@@ -610,8 +728,8 @@ class MixtureOfTokenizers(nn.Module):
         mask = token_key_mask(docs, ids, w)[:, None, :].clone()  # (T, 1, w*C): one query per token
         mask[:, 0, (w - 1) * C] = True  # own first byte: never PAD for a real token; keeps rows non-empty
         H = self.a.cross_heads
-        y = F.scaled_dot_product_attention(split_heads(q, H), split_heads(windowed_keys(k, w), H),
-                                           split_heads(windowed_keys(v, w), H), attn_mask=mask[:, None])
+        y = batched_sdpa(split_heads(q, H), split_heads(windowed_keys(k, w), H), split_heads(windowed_keys(v, w), H),
+                         mask[:, None])
         return self.out(y.transpose(1, 2).flatten(-2))[:, 0]  # (T, model_dim)
 
     def forward(self, input_seq: Tensor, tok: Tensor) -> Tensor:
@@ -621,7 +739,7 @@ class MixtureOfTokenizers(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, a: Hyperparameters, max_seq_len: int, use_fp8: bool = False):
+    def __init__(self, a: Hyperparameters, max_seq_len: int, use_fp8: bool = False, grad_accum: int = 1):
         super().__init__()
         self.a = a
         self.embed = nn.Embedding(a.vocab_size, a.model_dim)
@@ -630,8 +748,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(a, i, max_seq_len) for i in range(a.num_layers)])
         self.head_vocab = next_multiple_of_n(a.vocab_size, 128)  # 50257 -> 50304: tensor-core friendly
         d = a.model_dim
-        self.lm_head = CastedLinear(d, self.head_vocab, use_fp8=use_fp8, x_s=d ** 0.5 / 448, w_s=24 / 448,
-                                    grad_s=1 / 448)
+        x_s, w_s, grad_s = fp8_head_scales(a.train_seq_len, grad_accum)
+        self.lm_head = CastedLinear(d, self.head_vocab, use_fp8=use_fp8, x_s=x_s, w_s=w_s, grad_s=grad_s)
         self.lm_head.weight.detach().zero_()
         self.skip_weights = nn.Parameter(torch.ones(a.num_layers // 2))  # U-net: layer L-1-i reads layer i
         self.mot = MixtureOfTokenizers(a, self.head_vocab) if a.mot != "none" else None
@@ -681,7 +799,8 @@ class GPT(nn.Module):
         return total / h.size(0)
 
 
-def build_optimizers(model: GPT, a: Hyperparameters, rank: int, world_size: int, fused: bool):
+def build_optimizers(model: GPT, a: Hyperparameters, rank: int, world_size: int, fused: bool,
+                     orthogonalise=zeropower_via_newtonschulz5):
     """Adam for the head, the embeddings and the scalars; Muon for every matrix inside the blocks.
     Asserts that every trainable parameter is in exactly one group."""
     hidden_matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
@@ -690,13 +809,14 @@ def build_optimizers(model: GPT, a: Hyperparameters, rank: int, world_size: int,
     scalars = [p for p in model.parameters() if p.ndim < 2]
     head = [model.lm_head.weight]
     mot_matrices = [p for n, p in model.named_parameters()
-                    if n.startswith("mot.") and p.ndim >= 2 and n != "mot.char_embed.weight"]
+                    if n.startswith("mot.") and p.ndim >= 2 and id(p) not in {id(e) for e in embeds}]
     adam_groups = [dict(params=head, lr=a.head_lr), dict(params=embeds, lr=a.embed_lr),
                    dict(params=scalars, lr=a.scalar_lr)]
     if mot_matrices:
         adam_groups.append(dict(params=mot_matrices, lr=a.mot_lr))
     adam = torch.optim.Adam(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused)
-    muon = Muon(hidden_matrices, lr=a.muon_lr, momentum=a.muon_momentum_end, rank=rank, world_size=world_size)
+    muon = Muon(hidden_matrices, lr=a.muon_lr, momentum=a.muon_momentum_end, rank=rank, world_size=world_size,
+                orthogonalise=orthogonalise)
     optimizers = [adam, muon]
     check_optimizer_coverage(model, optimizers)
     for opt in optimizers:
@@ -740,6 +860,31 @@ def ensure_embedded_corpus(pattern: str, rank: int):
             prepare_embedded()
         if dist.is_initialized():
             dist.barrier()
+
+
+def check_data(a: Hyperparameters, world_size: int) -> str:
+    """Every train and val shard's header and size, before anything is built or timed: a truncated
+    shard or missing FineWeb is reported now, not when the loader reaches it. Raises ShardError."""
+    lines = []
+    for kind, pattern, seq_len in (("train", a.train_files, a.train_seq_len), ("val", a.val_files, a.val_seq_len)):
+        path_pattern = pattern if os.path.isabs(pattern) else str(REPO_DIR / pattern)
+        fix = data_fix_hint(path_pattern)
+        files = shard_files(path_pattern, fix)
+        span = world_size * seq_len
+        counts = [check_shard(f, fix) for f in files]
+        for f, n in zip(files, counts):
+            if n < span + 1:
+                raise ShardError(f"{kind} shard {f} has {n} tokens, fewer than one batch needs ({world_size} ranks "
+                                 f"x {kind}_seq_len {seq_len} + 1 = {span + 1}): lower --{kind}_seq_len or use "
+                                 f"more data. Fix: {fix}")
+        if kind == "val":
+            needed = a.val_tokens // span
+            available = sum((n - 1) // span for n in counts)  # what distributed_data_generator yields
+            if available < needed:
+                raise ShardError(f"val data {pattern} holds {available} batches of {span} tokens, --val_tokens="
+                                 f"{a.val_tokens} needs {needed}: lower --val_tokens or --val_seq_len")
+        lines.append(f"{kind} data: {len(files)} shards, {sum(counts):,} tokens ({pattern})")
+    return "\n".join(lines)
 
 
 def distributed_data_generator(pattern: str, seq_len: int, rank: int, world_size: int, vocab_size: int,
@@ -788,6 +933,27 @@ def device_description(device: torch.device) -> str:
         except (OSError, subprocess.SubprocessError):
             return torch.cuda.get_device_name(device)
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Temporary file in the same folder, fsync, rename: a crash or a full disk leaves the previous file or
+    none, never a truncated one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
 
 
 def new_record_dir(records_dir: str, run_name: str) -> Path:
@@ -847,38 +1013,155 @@ def window_blocks_at(step: int, a: Hyperparameters) -> int:
     return next_multiple_of_n(a.window_max_tokens * step / a.num_iterations, a.block_size) // a.block_size
 
 
-def main(argv=None):
-    rank, world_size, device = setup_distributed()
-    master = rank == 0
-    a = parse_args(sys.argv[1:] if argv is None else argv, cuda=device.type == "cuda")
+@dataclass
+class Settings:
+    """What the "auto" flags resolve to on this machine, and the accumulation."""
+    use_flex: bool
+    use_compile: bool
+    use_fp8: bool
+    act_dtype: torch.dtype
+    grad_accum: int
+
+
+def resolve_settings(a: Hyperparameters, device_type: str, hopper: bool, world_size: int) -> Settings:
+    """Checks that need the device and the world size; SystemExit naming the flag, before anything is built."""
+    cuda = device_type == "cuda"
     if a.batch_slices % world_size != 0:
-        raise SystemExit(f"world size {world_size} must divide batch_slices={a.batch_slices} "
+        raise SystemExit(f"world size {world_size} must divide --batch_slices={a.batch_slices} "
                          f"(grad_accum = batch_slices // world_size)")
-    grad_accum = a.batch_slices // world_size
     if a.val_tokens % (world_size * a.val_seq_len) != 0:
-        raise SystemExit(f"val_tokens={a.val_tokens} must be a multiple of world_size * val_seq_len "
+        raise SystemExit(f"--val_tokens={a.val_tokens} must be a multiple of world_size * val_seq_len "
                          f"= {world_size * a.val_seq_len}")
-    cuda = device.type == "cuda"
-    hopper = cuda and torch.cuda.get_device_capability(device)[0] >= 9
     use_flex = a.attention == "flex" or (a.attention == "auto" and cuda)
     use_compile = a.compile == "on" or (a.compile == "auto" and cuda)
-    use_fp8 = a.fp8_head == "on" or (a.fp8_head == "auto" and hopper)
-    act_dtype = torch.bfloat16 if (a.dtype == "bfloat16" or (a.dtype == "auto" and cuda)) else torch.float32
     if not use_flex and max(a.train_seq_len, a.val_seq_len) > 16384:
-        raise SystemExit(f"attention=sdpa builds dense (T, T) masks: keep train_seq_len/val_seq_len <= 16384 "
-                         f"(got {a.train_seq_len}/{a.val_seq_len}) or use attention=flex on a GPU")
+        raise SystemExit(f"--attention=sdpa builds dense (T, T) masks: keep --train_seq_len/--val_seq_len <= 16384 "
+                         f"(got {a.train_seq_len}/{a.val_seq_len}) or use --attention=flex on a GPU")
+    if use_flex and cuda and not use_compile:
+        raise SystemExit(f"--compile=off with --attention=flex on CUDA: uncompiled flex_attention materialises "
+                         f"(heads, T, T) scores ({a.num_heads} x {max(a.train_seq_len, a.val_seq_len)}^2); use "
+                         f"--compile=on, or --attention=sdpa with sequences <= 16384 tokens")
+    if use_flex and cuda and a.block_size % 128 != 0:
+        raise SystemExit(f"--block_size={a.block_size} with --attention=flex on CUDA: the compiled FlexAttention "
+                         f"kernel needs a multiple of 128 (torch 2.11 rejects smaller blocks on sm_90); use "
+                         f"--block_size=128 or --attention=sdpa")
+    return Settings(
+        use_flex=use_flex, use_compile=use_compile,
+        use_fp8=a.fp8_head == "on" or (a.fp8_head == "auto" and hopper),
+        act_dtype=torch.bfloat16 if (a.dtype == "bfloat16" or (a.dtype == "auto" and cuda)) else torch.float32,
+        grad_accum=a.batch_slices // world_size)
+
+
+class Diverged(Exception):
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f"{what} is {value} at step {step}: the run diverged; stopping (lower the learning "
+                         f"rates, or check the data)")
+        self.step = step
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+class StepTimer:
+    """Milliseconds per optimizer step. On CUDA without a per-step sync, CUDA events timestamp each step on
+    the device's timeline and are read once at the end, so the CPU keeps running ahead (as record 21);
+    otherwise host time, after a device sync when sync_every_step is set."""
+
+    def __init__(self, device_events: bool, sync):
+        self.device_events, self.sync, self.spans = device_events, sync, []
+
+    def _mark(self):
+        if self.device_events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        self.sync()
+        return time.perf_counter()
+
+    def start(self):
+        self._start = self._mark()
+
+    def stop(self):
+        self.spans.append((self._start, self._mark()))
+
+    def ms(self) -> list[float]:
+        if self.device_events:
+            torch.cuda.synchronize()
+            return [s.elapsed_time(e) for s, e in self.spans]
+        return [1000 * (e - s) for s, e in self.spans]
+
+
+EXIT_CODES = dict(completed=0, failed=1, diverged=3, interrupted=130)
+
+
+def main(argv=None) -> dict:
+    """Parse and check everything (flags, then data), then train --runs times; returns the last run's summary."""
+    rank, world_size, device = setup_distributed()
+    cuda = device.type == "cuda"
+    try:
+        a = parse_args(sys.argv[1:] if argv is None else argv, cuda=cuda)
+        hopper = cuda and torch.cuda.get_device_capability(device)[0] >= 9
+        settings = resolve_settings(a, device.type, hopper, world_size)
+        ensure_embedded_corpus(a.train_files, rank)
+        ensure_embedded_corpus(a.val_files, rank)
+        try:
+            data_report = check_data(a, world_size)
+        except ShardError as e:
+            raise SystemExit(f"data check failed before training: {e}") from None
+        previous = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            summaries = []
+            for i in range(a.runs):
+                run = dataclasses.replace(a, seed=a.seed + i if a.seed >= 0 else -1)
+                summaries.append(train(run, settings, rank, world_size, device, data_report))
+                if summaries[-1]["status"] == "interrupted":
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if a.runs > 1 and rank == 0:
+            print(series_report(summaries, a.target_loss), flush=True)
+        return summaries[-1]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def series_report(summaries: list[dict], target: float) -> str:
+    """--runs: mean, std and the one-sided t-test of the final val losses (summarize.py's statistics)."""
+    from summarize import markdown_table, summarize, unranked_lines
+    lines = [f"{len(summaries)} runs of {summaries[0]['run_name']!r}, seeds "
+             f"{[s['hyperparameters']['seed'] for s in summaries]}:"]
+    rows = summarize(summaries, target=target)
+    if rows:
+        lines.append(markdown_table(rows, target))
+    lines += unranked_lines(summaries)
+    return "\n".join(lines)
+
+
+def train(a: Hyperparameters, s: Settings, rank: int, world_size: int, device: torch.device, data_report: str) -> dict:
+    """One run; its record says whether it completed, diverged, was interrupted or failed."""
+    master = rank == 0
+    cuda = device.type == "cuda"
+    grad_accum = s.grad_accum
     if a.seed >= 0:
         torch.manual_seed(a.seed)
-
     record_dir = new_record_dir(a.records_dir, a.run_name) if (master and a.save_record) else None
     logfile = open(record_dir / "train.log", "w") if record_dir else None
 
-    def print0(s: str = "", console: bool = True):
+    def print0(line: str = "", console: bool = True):
         if master:
             if console:
-                print(s, flush=True)
+                print(line, flush=True)
             if logfile:
-                logfile.write(s + "\n")
+                logfile.write(line + "\n")
                 logfile.flush()
 
     # the source of the run goes first in its log, as in the speedrun
@@ -889,115 +1172,153 @@ def main(argv=None):
     print0(device_description(device), console=False)
     print0("=" * 100, console=False)
     print0(f"hyperparameters: {json.dumps(dataclasses.asdict(a))}")
-    print0(f"world_size={world_size} grad_accum={grad_accum} device={device} attention={'flex' if use_flex else 'sdpa'} "
-           f"compile={use_compile} fp8_head={use_fp8} dtype={act_dtype}")
+    print0(f"world_size={world_size} grad_accum={grad_accum} device={device} attention={'flex' if s.use_flex else 'sdpa'} "
+           f"compile={s.use_compile} fp8_head={s.use_fp8} dtype={s.act_dtype}")
+    print0(data_report)
     if record_dir:
         print0(f"record: {record_dir}")
-
-    ensure_embedded_corpus(a.train_files, rank)
-    ensure_embedded_corpus(a.val_files, rank)
-    train_loader = distributed_data_generator(a.train_files, a.train_seq_len, rank, world_size, a.vocab_size)
-
-    model = GPT(a, max_seq_len=max(a.train_seq_len, a.val_seq_len), use_fp8=use_fp8).to(device)
-    for m in model.modules():
-        if isinstance(m, nn.Embedding) and act_dtype == torch.bfloat16:
-            m.bfloat16()
-    if world_size > 1:
-        for p in model.parameters():
-            dist.broadcast(p.detach(), 0)
-    optimizers = build_optimizers(model, a, rank, world_size, fused=True)
-    adam, muon = optimizers
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(f"parameters: {n_params:,}")
-    fwd = torch.compile(model, dynamic=False) if use_compile else model
-    dense = not use_flex
-
-    def train_step(step: int, batches) -> Tensor:
-        window = torch.tensor(window_blocks_at(step, a), dtype=torch.int32, device=device)
-        total = torch.zeros((), device=device)
-        for inputs, targets in batches:
-            loss = fwd(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), window, dense)
-            (loss / grad_accum).backward()
-            total += loss.detach() / grad_accum
-        # gradients and the reported loss averaged over ranks in one collective
-        all_reduce_mean_([p.grad for p in model.parameters()] + [total], world_size)
-        lr_mul = lr_multiplier(step, a)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_mul
-        frac = min(step / a.muon_momentum_warmup, 1) if a.muon_momentum_warmup > 0 else 1.0
-        for group in muon.param_groups:
-            group["momentum"] = (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum_end
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        return total
-
-    # untimed warm-up (compilation, kernel autotuning) on random tokens; state restored after
-    if a.warmup_steps > 0:
-        saved = dict(model=copy.deepcopy(model.state_dict()), opts=[copy.deepcopy(o.state_dict()) for o in optimizers])
-        g = torch.Generator().manual_seed(rank)
-        for w in range(a.warmup_steps):
-            fake = [torch.randint(0, a.vocab_size, (a.train_seq_len + 1,), generator=g, dtype=torch.int32)
-                    for _ in range(grad_accum)]
-            train_step(w, [(t[:-1], t[1:].long()) for t in fake])
-        model.load_state_dict(saved["model"])
-        for o, s in zip(optimizers, saved["opts"]):
-            o.load_state_dict(s)
-        del saved
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    val_history, step_ms, train_losses = [], [], []
-    training_time_ms = 0.0
-    tokens_per_step = a.batch_slices * a.train_seq_len
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    t0 = time.perf_counter()
-    for step in range(a.num_iterations + 1):
-        last = step == a.num_iterations
-        if last or (a.val_loss_every > 0 and step % a.val_loss_every == 0 and step > 0):
-            sync()
-            training_time_ms += 1000 * (time.perf_counter() - t0)
-            model.eval()
-            val_steps = a.val_tokens // (world_size * a.val_seq_len)
-            val_loader = distributed_data_generator(a.val_files, a.val_seq_len, rank, world_size, a.vocab_size, loop=False)
-            window = torch.tensor(window_blocks_at(step, a), dtype=torch.int32, device=device)
-            val_loss = torch.zeros((), device=device)
-            with torch.no_grad():
-                for i in range(val_steps):
-                    try:
-                        inputs, targets = next(val_loader)
-                    except StopIteration:
-                        raise SystemExit(f"val data {a.val_files} ran out after {i} of {val_steps} steps: lower "
-                                         f"--val_tokens (now {a.val_tokens}) or --val_seq_len") from None
-                    val_loss += fwd(inputs.to(device), targets.to(device), window, dense)
-            val_loss /= val_steps
-            all_reduce_mean_([val_loss], world_size)
-            vl = val_loss.item()
-            val_history.append(dict(step=step, val_loss=vl, train_time_ms=training_time_ms))
-            print0(f"step:{step}/{a.num_iterations} val_loss:{vl:.4f} train_time:{training_time_ms:.0f}ms "
-                   f"step_avg:{training_time_ms / max(step, 1):.2f}ms")
-            model.train()
-            sync()
-            t0 = time.perf_counter()
-        if last:
-            break
-        t_step = time.perf_counter()
-        loss = train_step(step, [next(train_loader) for _ in range(grad_accum)])
-        if a.sync_every_step:
-            sync()
-        now = time.perf_counter()
-        step_ms.append(1000 * (now - t_step))
-        train_losses.append(loss)
-        approx = training_time_ms + 1000 * (now - t0)
-        remaining = (a.num_iterations - step - 1) * approx / (step + 1) / 1000
-        print0(f"step:{step + 1}/{a.num_iterations} train_time:{approx:.0f}ms step_avg:{approx / (step + 1):.2f}ms "
-               f"eta:{remaining:.0f}s", console=master and (step < 10 or (step + 1) % 10 == 0))
+    timer = StepTimer(device_events=cuda and not a.sync_every_step, sync=sync if a.sync_every_step else lambda: None)
+    val_history, train_losses = [], []
+    training_time_ms, steps_done, n_params = 0.0, 0, 0
+    status, stopped_at, error = "failed", None, None
+    try:
+        train_loader = distributed_data_generator(a.train_files, a.train_seq_len, rank, world_size, a.vocab_size)
+        model = GPT(a, max_seq_len=max(a.train_seq_len, a.val_seq_len), use_fp8=s.use_fp8,
+                    grad_accum=grad_accum).to(device)
+        for m in model.modules():
+            if isinstance(m, nn.Embedding) and s.act_dtype == torch.bfloat16:
+                m.bfloat16()
+        if world_size > 1:
+            for p in model.parameters():
+                dist.broadcast(p.detach(), 0)
+        compile_ns = cuda and s.use_compile  # eager on the CPU: inductor's compile time outweighs the gain
+        orthogonalise = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
+        optimizers = build_optimizers(model, a, rank, world_size, fused=True, orthogonalise=orthogonalise)
+        muon = optimizers[1]
+        n_params = sum(p.numel() for p in model.parameters())
+        print0(f"parameters: {n_params:,}")
+        fwd = torch.compile(model, dynamic=False) if s.use_compile else model
+        dense = not s.use_flex
 
+        def train_step(step: int, batches) -> Tensor:
+            window = torch.tensor(window_blocks_at(step, a), dtype=torch.int32, device=device)
+            total = torch.zeros((), device=device)
+            for inputs, targets in batches:
+                loss = fwd(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), window, dense)
+                (loss / grad_accum).backward()
+                total += loss.detach() / grad_accum
+            # gradients and the reported loss averaged over ranks in one collective
+            all_reduce_mean_([p.grad for p in model.parameters()] + [total], world_size)
+            lr_mul = lr_multiplier(step, a)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_mul
+            frac = min(step / a.muon_momentum_warmup, 1) if a.muon_momentum_warmup > 0 else 1.0
+            for group in muon.param_groups:
+                group["momentum"] = (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum_end
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            return total
+
+        # untimed warm-up (compilation, kernel autotuning) on random tokens; state restored after
+        if a.warmup_steps > 0:
+            saved = dict(model=copy.deepcopy(model.state_dict()), opts=[copy.deepcopy(o.state_dict()) for o in optimizers])
+            g = torch.Generator().manual_seed(rank)
+            for w in range(a.warmup_steps):
+                fake = [torch.randint(0, a.vocab_size, (a.train_seq_len + 1,), generator=g, dtype=torch.int32)
+                        for _ in range(grad_accum)]
+                train_step(w, [(t[:-1], t[1:].long()) for t in fake])
+            model.load_state_dict(saved["model"])
+            for o, st in zip(optimizers, saved["opts"]):
+                o.load_state_dict(st)
+            del saved
+
+        # A step's loss is read (and checked for divergence) one step later on CUDA, so reading it never
+        # stalls the queue; on the CPU at once.
+        lag = 1 if (cuda and not a.sync_every_step) else 0
+        pending = []  # (step, loss tensor, host-side train time ms) not yet read
+
+        def read_losses(keep: int):
+            while len(pending) > keep:
+                n, loss, approx = pending.pop(0)
+                value = loss.item()
+                train_losses.append(value)
+                print0(f"step:{n}/{a.num_iterations} train_loss:{value:.4f} train_time:{approx:.0f}ms "
+                       f"step_avg:{approx / n:.2f}ms", console=master and (n <= 10 or n % 10 == 0))
+                if not math.isfinite(value):
+                    raise Diverged(n, "train loss", value)
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        for step in range(a.num_iterations + 1):
+            last = step == a.num_iterations
+            if last or (a.val_loss_every > 0 and step % a.val_loss_every == 0 and step > 0):
+                read_losses(0)
+                sync()
+                training_time_ms += 1000 * (time.perf_counter() - t0)
+                model.eval()
+                val_steps = a.val_tokens // (world_size * a.val_seq_len)
+                val_loader = distributed_data_generator(a.val_files, a.val_seq_len, rank, world_size, a.vocab_size,
+                                                        loop=False)
+                window = torch.tensor(window_blocks_at(step, a), dtype=torch.int32, device=device)
+                val_loss = torch.zeros((), device=device)
+                with torch.no_grad():
+                    for _ in range(val_steps):  # check_data made sure the val shards hold val_steps batches
+                        inputs, targets = next(val_loader)
+                        val_loss += fwd(inputs.to(device), targets.to(device), window, dense)
+                val_loss /= val_steps
+                all_reduce_mean_([val_loss], world_size)
+                vl = val_loss.item()
+                val_history.append(dict(step=step, val_loss=vl, train_time_ms=training_time_ms))
+                print0(f"step:{step}/{a.num_iterations} val_loss:{vl:.4f} train_time:{training_time_ms:.0f}ms "
+                       f"step_avg:{training_time_ms / max(step, 1):.2f}ms")
+                if not math.isfinite(vl):
+                    raise Diverged(step, "val loss", vl)
+                model.train()
+                sync()
+                t0 = time.perf_counter()
+            if last:
+                break
+            timer.start()
+            loss = train_step(step, [next(train_loader) for _ in range(grad_accum)])
+            timer.stop()
+            steps_done = step + 1
+            pending.append((steps_done, loss, training_time_ms + 1000 * (time.perf_counter() - t0)))
+            read_losses(lag)
+        status = "completed"
+    except Diverged as e:
+        status, stopped_at, error = "diverged", e.step, str(e)
+        print0(f"DIVERGED: {e}")
+    except Interrupted as e:
+        status, stopped_at, error = "interrupted", steps_done, str(e)
+        print0(f"INTERRUPTED after {steps_done} steps: {e}; writing the record")
+    except BaseException as e:
+        error = f"{type(e).__name__}: {e}"
+        print0(f"FAILED after {steps_done} steps: {error}")
+        raise
+    finally:
+        summary = finish_record(a, s, world_size, device, record_dir, print0, status=status, stopped_at=stopped_at,
+                                error=error, timer=timer, train_losses=train_losses, val_history=val_history,
+                                training_time_ms=training_time_ms, n_params=n_params)
+        if logfile:
+            logfile.close()
+    return summary
+
+
+def finish_record(a: Hyperparameters, s: Settings, world_size: int, device: torch.device, record_dir, print0, *,
+                  status: str, stopped_at, error, timer: StepTimer, train_losses: list, val_history: list,
+                  training_time_ms: float, n_params: int) -> dict:
+    """The run's summary.json (written atomically), whatever way the run ended."""
+    cuda = device.type == "cuda"
+    step_ms = timer.ms()
     if cuda:
         peak_alloc = torch.cuda.max_memory_allocated() // 2**20
         peak_reserved = torch.cuda.max_memory_reserved() // 2**20
@@ -1006,26 +1327,25 @@ def main(argv=None):
         import resource
         peak_alloc = peak_reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         print0(f"peak memory (max RSS): {peak_alloc} MiB")
-    train_losses = torch.stack(train_losses).tolist()
+    completed = status == "completed"
     summary = dict(
-        run_name=a.run_name, hyperparameters=dataclasses.asdict(a), git_commit=git_commit(), world_size=world_size,
-        grad_accum=grad_accum, device=torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
-        torch=torch.__version__, attention="flex" if use_flex else "sdpa", compile=use_compile, fp8_head=use_fp8,
+        run_name=a.run_name, status=status, diverged_at_step=stopped_at if status == "diverged" else None,
+        interrupted_at_step=stopped_at if status == "interrupted" else None, error=error,
+        hyperparameters=dataclasses.asdict(a), git_commit=git_commit(), world_size=world_size,
+        grad_accum=s.grad_accum, device=torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
+        torch=torch.__version__, attention="flex" if s.use_flex else "sdpa", compile=s.use_compile, fp8_head=s.use_fp8,
         parameters=n_params, step_ms=step_ms, train_loss=train_losses, val=val_history,
-        final_val_loss=val_history[-1]["val_loss"], train_time_ms=training_time_ms,
-        tokens_per_s=tokens_per_step * a.num_iterations / (training_time_ms / 1000),
-        median_step_ms=float(np.median(step_ms)), peak_memory_allocated_mib=peak_alloc,
+        final_val_loss=val_history[-1]["val_loss"] if completed else None, train_time_ms=training_time_ms,
+        tokens_per_s=(a.batch_slices * a.train_seq_len * len(step_ms) / (training_time_ms / 1000)
+                      if completed and training_time_ms > 0 else None),
+        median_step_ms=float(np.median(step_ms)) if step_ms else None, peak_memory_allocated_mib=peak_alloc,
         peak_memory_reserved_mib=peak_reserved, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     if record_dir:
-        (record_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print0(f"wrote {record_dir / 'summary.json'}")
-    if logfile:
-        logfile.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        write_json_atomic(record_dir / "summary.json", summary)
+        print0(f"wrote {record_dir / 'summary.json'} (status: {status})")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(EXIT_CODES[main()["status"]])

@@ -53,9 +53,10 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
     os.replace(tmp, path)  # never leave a half-written shard behind
 
 
-def read_shard(path: str | os.PathLike, vocab_size: int = GPT2_VOCAB_SIZE, fix: str = "") -> np.ndarray:
-    """Read and validate one shard; returns its uint16 tokens. Every defect raises ShardError naming
-    the file, what is wrong and `fix` (the command that rebuilds or downloads it)."""
+def check_shard(path: str | os.PathLike, fix: str = "") -> int:
+    """Validate one shard's header and size without reading its tokens; returns its token count.
+    Every defect raises ShardError naming the file, what is wrong and `fix` (the command that rebuilds
+    or downloads it)."""
     hint = f" Fix: {fix}" if fix else ""
     path = str(path)
     if not os.path.isfile(path):
@@ -71,10 +72,18 @@ def read_shard(path: str | os.PathLike, vocab_size: int = GPT2_VOCAB_SIZE, fix: 
         raise ShardError(f"shard {path} has version {header[1]}, expected {VERSION}.{hint}")
     count = int(header[2])
     expected = HEADER_BYTES + 2 * count
-    if size != expected:
+    if count < 0 or size != expected:
         raise ShardError(f"shard {path} header says {count} tokens ({expected} bytes) but the file has {size} "
                          f"bytes (truncated or corrupt).{hint}")
-    tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
+    return count
+
+
+def read_shard(path: str | os.PathLike, vocab_size: int = GPT2_VOCAB_SIZE, fix: str = "") -> np.ndarray:
+    """Read and validate one shard (check_shard, then every token id below vocab_size); returns its
+    uint16 tokens."""
+    hint = f" Fix: {fix}" if fix else ""
+    count = check_shard(path, fix)
+    tokens = np.fromfile(str(path), dtype="<u2", count=count, offset=HEADER_BYTES)
     if count and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
         raise ShardError(f"shard {path} has token id {int(tokens[bad])} at position {bad}, outside the "

@@ -177,24 +177,6 @@ def test_rotary_rotates_half_the_dims_and_preserves_norm():
     assert not torch.allclose(y[:, 1:, :, 0:4], x[:, 1:, :, 0:4])
 
 
-def test_fp8_head_matches_float_matmul():
-    torch.manual_seed(0)
-    lin = tg.CastedLinear(64, 256, use_fp8=True, x_s=64 ** 0.5 / 448, w_s=24 / 448, grad_s=1 / 448)
-    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
-    out = lin(x)
-    ref_x = x.detach().float().requires_grad_()
-    ref_w = lin.weight.detach().clone().requires_grad_()
-    ref = ref_x @ ref_w.T
-    g = torch.randn_like(ref) * 1e-2
-    out.backward(g.to(out.dtype))
-    ref.backward(g)
-    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
-    # e4m3 keeps 3 mantissa bits (rel. rounding <= 6%), e5m2 2 bits (<= 12.5%); norm-wise errors average out
-    assert rel(out, ref.detach()) < 0.08
-    assert rel(x.grad, ref_x.grad) < 0.15
-    assert rel(lin.weight.grad, ref_w.grad) < 0.15
-
-
 def test_newton_schulz_orthogonalises():
     torch.manual_seed(0)
     G = torch.randn(2, 48, 32)

@@ -59,6 +59,127 @@ def chunked_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chun
     return out[..., :S, :] if pad else out
 
 
+def _live(keep4: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """keep4 (..., nc, T) bool -> True while no reset has happened since the sub-chunk's first step (in
+    processing order): where False, a sub-chunk's start state must not reach the step."""
+    k = keep4.flip(-1) if reverse else keep4
+    live = torch.cumprod(k.to(torch.int32), -1).bool()
+    return live.flip(-1) if reverse else live
+
+
+def _add_chunk_starts_(h_loc, prod, h0, live=None, reverse=False):
+    """h_loc, prod (..., nc, T, N): per-sub-chunk scans from zero and running decay products. Carries h0
+    across the sub-chunks (in processing order) and adds each one's true start state, in place.
+    live (..., nc, T) or None: where False the start state is dropped by a select (see _live)."""
+    nc = h_loc.shape[-3]
+    end = 0 if reverse else -1
+    starts = [None] * nc
+    state = h0
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
+        starts[c] = state
+        carried = prod[..., c, end, :] * state
+        if live is not None:
+            carried = torch.where(live[..., c, end, None], carried, 0.0)
+        state = h_loc[..., c, end, :] + carried
+    start = torch.stack(starts, -2).unsqueeze(-2)  # (..., nc, 1, N)
+    if live is None:
+        h_loc.addcmul_(prod, start)
+    else:
+        h_loc.add_(torch.where(live[..., None], prod * start, 0.0))
+
+
+def _linear_scan_(a, x, h0, keep=None, reverse=False):
+    """In place on x (..., S, N): x_t <- a_t * x_prev + x_t, where x_prev is the result of the step
+    before (t - 1, or t + 1 when reverse) and h0 before the first one. keep (..., S) bool or None: where
+    False the carried term is dropped (a select). a may be a strided view (e.g. shifted by one step).
+    Same sub-chunk scheme as _segment_fast: sqrt(S) vectorised steps, then the sub-chunk carry."""
+    S = x.shape[-2]
+    if S == 0:
+        return x
+    T = max(1, math.isqrt(S))
+    nc = S // T
+    main = nc * T
+    body = slice(S - main, S) if reverse else slice(0, main)
+    a4, x4 = a[..., body, :].unflatten(-2, (nc, T)), x[..., body, :].unflatten(-2, (nc, T))
+    keep4 = keep[..., body].unflatten(-1, (nc, T)) if keep is not None else None
+    prod = torch.empty(torch.broadcast_shapes(a4.shape, x4.shape), dtype=x.dtype, device=x.device)
+    h = p = None
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        a_t, x_t, p_t = a4[..., t, :], x4[..., t, :], prod[..., t, :]
+        reset = ~keep4[..., t, None] if keep4 is not None else None
+        if h is None:  # first step of every sub-chunk: the local scan starts from zero
+            p_t.copy_(a_t)
+        elif reset is None:
+            x_t.addcmul_(a_t, h)
+            torch.mul(p, a_t, out=p_t)
+        else:  # selects (masked_fill), not multiplies by 0: a non-finite state stays in its document
+            x_t.add_((a_t * h).masked_fill_(reset, 0.0))
+            torch.mul(p, a_t, out=p_t)
+        if reset is not None:
+            p_t.masked_fill_(reset, 0.0)
+        h, p = x_t, p_t
+    _add_chunk_starts_(x4, prod, h0, None if keep4 is None else _live(keep4, reverse), reverse)
+    h = x[..., S - main, :] if reverse else x[..., main - 1, :]
+    for t in (range(S - main - 1, -1, -1) if reverse else range(main, S)):  # the steps left over
+        carried = a[..., t, :] * h
+        if keep is not None:
+            carried = torch.where(keep[..., t, None], carried, 0.0)
+        h = x[..., t, :].add_(carried)
+    return x
+
+
+def _segment_backward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, dout, carry):
+    """Hand-written backward of one zoh segment (same layouts as _segment); carry: gradient of the
+    segment's last state from the segments after it, or None. Recomputes the states, then runs the
+    adjoint recurrence g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse scan.
+    Returns (du, ddelta, dz, dBs, dCs, dA, dD, ddelta_bias, dh0), None for absent options."""
+    pre = delta if delta_bias is None else delta + delta_bias[..., None]
+    dt = torch.where(pre <= 20.0, F.softplus(pre), pre) if softplus else pre
+    a = torch.exp(dt[..., None] * A[:, :, None, :])  # (b, G, Dg, S, N)
+    dtu = dt * u
+    h = _linear_scan_(a, dtu[..., None] * Bs, h0, keep)  # all states
+    y = torch.linalg.vecdot(h, Cs)
+    if D is not None:
+        y = y + D[..., None] * u
+    dz = None
+    dy = dout
+    if z is not None:
+        sz = torch.sigmoid(z)
+        dy = dout * z * sz
+        dz = dout * y * sz * (1 + z * (1 - sz))
+    g = dy[..., None] * Cs  # direct gradient of each state, then the adjoint scan in place
+    if carry is not None:
+        g[..., -1, :] += carry
+    _linear_scan_(a[..., 1:, :], g[..., :-1, :], g[..., -1, :], keep[..., 1:] if keep is not None else None,
+                  reverse=True)
+    q = g * a  # dL/d(log-decay) per state: g_t a_t h_{t-1}
+    dh0 = q[..., 0, :].clone()
+    q[..., 1:, :].mul_(h[..., :-1, :])
+    q[..., 0, :].mul_(h0)
+    if keep is not None:  # a select: the previous document's state may be non-finite
+        q.masked_fill_(~keep[..., None], 0.0)
+        dh0.masked_fill_(~keep[..., 0, None], 0.0)
+    ddt = torch.linalg.vecdot(q, A[:, :, None, :])
+    dA = torch.einsum("bgdsn,bgds->gdn", q, dt)
+    ddtu = torch.linalg.vecdot(g, Bs)
+
+    def per_step_matrix_grad(states, coef, M):  # gradient of B or C from sum over channels of states * coef
+        if M.shape[2] == 1 and M.shape[-2] > 1:  # input-dependent, shared by a group's channels
+            return torch.einsum("bgdsn,bgds->bgsn", states, coef).unsqueeze(2)
+        return (states * coef[..., None]).sum_to_size(M.shape)
+    dBs = per_step_matrix_grad(g, dtu, Bs)
+    dCs = per_step_matrix_grad(h, dy, Cs)
+    du = ddtu * dt
+    ddt = ddt + ddtu * u
+    dD = None
+    if D is not None:
+        du = du + dy * D[..., None]
+        dD = (dy * u).sum((0, 3))
+    ddelta = ddt * torch.where(pre <= 20.0, torch.sigmoid(pre), 1.0) if softplus else ddt
+    dbias = ddelta.sum((0, 3)) if delta_bias is not None else None
+    return du, ddelta, dz, dBs, dCs, dA, dD, dbias, dh0
+
+
 def _segment_fast(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, discretization):
     """No-grad forward of one segment, same contract as _segment. Each step's decay and input are made
     for all sub-chunks at once (a cache-sized slab) and written straight into the state buffers, instead
@@ -73,7 +194,11 @@ def _segment_fast(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, dis
     pad = nc * T - S
     padt = lambda x: F.pad(x, (0, pad)) if (pad and x is not None) else x  # noqa: E731
     dt4, u4 = padt(dt).unflatten(-1, (nc, T)), padt(u).unflatten(-1, (nc, T))  # pad steps: dt = 0 -> identity
-    keep4 = padt(keep.to(u.dtype)).unflatten(-1, (nc, T)) if keep is not None else None
+    # pad steps keep the state (True): their dt = 0 makes them identity steps
+    keep4 = None
+    if keep is not None:
+        keep4 = torch.cat([keep, keep.new_ones(*keep.shape[:-1], pad)], -1).unflatten(-1, (nc, T))
+        reset4 = ~keep4
 
     def steps(M):  # (b|1, G, 1|Dg, S|1, N) -> per-step (b|1, G, 1|Dg, nc|1, N) views
         if M.shape[-2] == 1:
@@ -97,14 +222,14 @@ def _segment_fast(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, dis
         else:
             decay, coef = discretize(dt4[..., t, None], A5, discretization)
             x = (coef * u4[..., t, None]).mul_(Bsteps[t])
-        if keep4 is not None:
-            decay = decay * keep4[..., t, None]
-        h = torch.addcmul(x, decay, h, out=h_loc[..., t, :])
-        p = torch.mul(p, decay, out=prod[..., t, :])
-    start = [h0]
-    for c in range(nc - 1):
-        start.append(h_loc[..., c, -1, :] + prod[..., c, -1, :] * start[-1])
-    h_loc.addcmul_(prod, torch.stack(start, -2).unsqueeze(-2))
+        if keep4 is None:
+            h = torch.addcmul(x, decay, h, out=h_loc[..., t, :])
+            p = torch.mul(p, decay, out=prod[..., t, :])
+        else:  # a new document drops the carried state by a select: a NaN there cannot leak through 0 * NaN
+            reset_t = reset4[..., t, None]
+            h = torch.mul(decay, h, out=h_loc[..., t, :]).masked_fill_(reset_t, 0.0).add_(x)
+            p = torch.mul(p, decay, out=prod[..., t, :]).masked_fill_(reset_t, 0.0)
+    _add_chunk_starts_(h_loc, prod, h0, None if keep4 is None else _live(keep4))
     hflat = h_loc.flatten(-3, -2)[..., :S, :]
     y = torch.linalg.vecdot(hflat, Cs)
     if D is not None:
@@ -162,6 +287,13 @@ class _Layout:
             M = M[:, None]
         return M.permute(0, 1, 3, 2).unsqueeze(2)  # (b, G, 1, L, N)
 
+    def unstate(self, dM, M):  # gradient in the state_matrix layout -> M's own layout
+        if M.dim() == 2:
+            return dM.reshape(M.shape)
+        if M.dim() == 3:
+            return dM[:, 0, 0].transpose(-1, -2)
+        return dM[:, :, 0].transpose(-1, -2)
+
     def segment_len(self) -> int:
         return max(1, min(self.L, SEGMENT_BUDGET // max(1, self.batch * self.dim * self.N)))
 
@@ -199,56 +331,98 @@ class _SelectiveScanTorch(torch.autograd.Function):
     def backward(ctx, dout, dlast):  # the last state's gradient is not propagated (as upstream)
         u, delta, A, B, C, D, z, delta_bias, seq_idx, *starts = ctx.saved_tensors
         softplus, discretization, S = ctx.cfg
+        if discretization != "zoh":
+            return _backward_by_recompute(ctx, dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, starts, softplus,
+                                          discretization, S)
         lay = _Layout(u, A, B, C, seq_idx)
-        need = ctx.needs_input_grad
-        leaf = lambda x: None if x is None else x.detach().requires_grad_()  # noqa: E731
-        A_, B_, C_, D_, bias_ = leaf(A), leaf(B), leaf(C), leaf(D), leaf(delta_bias)
-        grads = {k: None for k in ("u", "delta", "z")}
-        du, ddelta = torch.zeros_like(u), torch.zeros_like(delta)
-        dz = torch.zeros_like(z) if z is not None else None
+        uu, dd, zz = lay.chan(u), lay.chan(delta), lay.chan(z)
+        AA, DD, bb = lay.chan(A), lay.chan(D), lay.chan(delta_bias)
+        BB, CC = lay.state_matrix(B), lay.state_matrix(C)
         dout = lay.chan(dout.contiguous())
+        du, ddelta = torch.empty_like(uu), torch.empty_like(dd)
+        dz = torch.empty_like(zz) if z is not None else None
+        dBB, dCC = torch.zeros(BB.shape, dtype=u.dtype), torch.zeros(CC.shape, dtype=u.dtype)
+        dA = torch.zeros_like(AA)
+        dD = torch.zeros_like(DD) if D is not None else None
+        dbias = torch.zeros_like(bb) if delta_bias is not None else None
         carry = None
         segs = list(range(0, lay.L, S))
         for i in reversed(range(len(segs))):
             s, e = segs[i], min(segs[i] + S, lay.L)
-            with torch.enable_grad():
-                us, ds = leaf(u[..., s:e]), leaf(delta[..., s:e])
-                zs = leaf(z[..., s:e]) if z is not None else None
-                Bs = leaf(B[..., s:e]) if B.dim() >= 3 else B_
-                Cs = leaf(C[..., s:e]) if C.dim() >= 3 else C_
-                h0 = leaf(starts[i])
-                y, h_end = _segment(lay.chan(us), lay.chan(ds), lay.chan(A_), lay.state_matrix(Bs), lay.state_matrix(Cs),
-                                    lay.chan(D_), lay.chan(zs), lay.chan(bias_), _sl(lay.keep, s, e), h0, softplus,
-                                    discretization)
-                outputs, grad_outputs = [y], [dout[..., s:e]]
-                if carry is not None:
-                    outputs.append(h_end)
-                    grad_outputs.append(carry)
-                inputs = [x for x in (us, ds, zs, Bs, Cs, A_, D_, bias_, h0) if x is not None]
-                # segment-local leaves (us, ds, zs, B/C slices) get fresh grads; shared ones accumulate in .grad
-                shared = [x for x in (A_, D_, bias_) + ((B_,) if B.dim() == 2 else ()) + ((C_,) if C.dim() == 2 else ())
-                          if x is not None]
-                local = [x for x in inputs if all(x is not y for y in shared)]
-                g = torch.autograd.grad(outputs, local + shared, grad_outputs, allow_unused=True)
-            gl = dict(zip(map(id, local), g[:len(local)]))
-            for sh, gs in zip(shared, g[len(local):]):
-                if gs is not None:
-                    sh.grad = gs if sh.grad is None else sh.grad + gs
-            du[..., s:e] = gl[id(us)]
-            ddelta[..., s:e] = gl[id(ds)]
-            if zs is not None:
-                dz[..., s:e] = gl[id(zs)]
-            if B.dim() >= 3:
-                grads.setdefault("B", torch.zeros_like(B))[..., s:e] = gl[id(Bs)]
-            if C.dim() >= 3:
-                grads.setdefault("C", torch.zeros_like(C))[..., s:e] = gl[id(Cs)]
-            carry = gl[id(h0)]
-        dB = grads.get("B") if B.dim() >= 3 else B_.grad
-        dC = grads.get("C") if C.dim() >= 3 else C_.grad
-        g_or_zero = lambda x, ref: (x if x is not None else torch.zeros_like(ref)) if ref is not None else None  # noqa: E731
-        return (du, ddelta, g_or_zero(A_.grad, A), g_or_zero(dB, B), g_or_zero(dC, C),
-                g_or_zero(D_.grad if D_ is not None else None, D), dz,
-                g_or_zero(bias_.grad if bias_ is not None else None, delta_bias), None, None, None) if any(need) else (None,) * 11
+            g_u, g_delta, g_z, g_B, g_C, g_A, g_D, g_bias, carry = _segment_backward(
+                _sl(uu, s, e), _sl(dd, s, e), AA, _time_slice(BB, s, e), _time_slice(CC, s, e), DD, _sl(zz, s, e), bb,
+                _sl(lay.keep, s, e), starts[i], softplus, dout[..., s:e], carry)
+            du[..., s:e], ddelta[..., s:e] = g_u, g_delta
+            if dz is not None:
+                dz[..., s:e] = g_z
+            for full, part in ((dBB, g_B), (dCC, g_C)):
+                if full.shape[-2] == 1:  # one matrix for every step: sum over segments
+                    full += part
+                else:
+                    full[..., s:e, :] = part
+            dA += g_A
+            if dD is not None:
+                dD += g_D
+            if dbias is not None:
+                dbias += g_bias
+        flat = lambda x, ref: None if x is None else x.reshape(ref.shape)  # noqa: E731
+        return (flat(du, u), flat(ddelta, delta), flat(dA, A), lay.unstate(dBB, B), lay.unstate(dCC, C), flat(dD, D),
+                flat(dz, z), flat(dbias, delta_bias), None, None, None)
+
+
+def _backward_by_recompute(ctx, dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, starts, softplus, discretization,
+                           S):
+    """Backward for the bilinear discretization: recompute each segment under autograd."""
+    lay = _Layout(u, A, B, C, seq_idx)
+    need = ctx.needs_input_grad
+    leaf = lambda x: None if x is None else x.detach().requires_grad_()  # noqa: E731
+    A_, B_, C_, D_, bias_ = leaf(A), leaf(B), leaf(C), leaf(D), leaf(delta_bias)
+    grads = {k: None for k in ("u", "delta", "z")}
+    du, ddelta = torch.zeros_like(u), torch.zeros_like(delta)
+    dz = torch.zeros_like(z) if z is not None else None
+    dout = lay.chan(dout.contiguous())
+    carry = None
+    segs = list(range(0, lay.L, S))
+    for i in reversed(range(len(segs))):
+        s, e = segs[i], min(segs[i] + S, lay.L)
+        with torch.enable_grad():
+            us, ds = leaf(u[..., s:e]), leaf(delta[..., s:e])
+            zs = leaf(z[..., s:e]) if z is not None else None
+            Bs = leaf(B[..., s:e]) if B.dim() >= 3 else B_
+            Cs = leaf(C[..., s:e]) if C.dim() >= 3 else C_
+            h0 = leaf(starts[i])
+            y, h_end = _segment(lay.chan(us), lay.chan(ds), lay.chan(A_), lay.state_matrix(Bs), lay.state_matrix(Cs),
+                                lay.chan(D_), lay.chan(zs), lay.chan(bias_), _sl(lay.keep, s, e), h0, softplus,
+                                discretization)
+            outputs, grad_outputs = [y], [dout[..., s:e]]
+            if carry is not None:
+                outputs.append(h_end)
+                grad_outputs.append(carry)
+            inputs = [x for x in (us, ds, zs, Bs, Cs, A_, D_, bias_, h0) if x is not None]
+            # segment-local leaves (us, ds, zs, B/C slices) get fresh grads; shared ones accumulate in .grad
+            shared = [x for x in (A_, D_, bias_) + ((B_,) if B.dim() == 2 else ()) + ((C_,) if C.dim() == 2 else ())
+                      if x is not None]
+            local = [x for x in inputs if all(x is not y for y in shared)]
+            g = torch.autograd.grad(outputs, local + shared, grad_outputs, allow_unused=True)
+        gl = dict(zip(map(id, local), g[:len(local)]))
+        for sh, gs in zip(shared, g[len(local):]):
+            if gs is not None:
+                sh.grad = gs if sh.grad is None else sh.grad + gs
+        du[..., s:e] = gl[id(us)]
+        ddelta[..., s:e] = gl[id(ds)]
+        if zs is not None:
+            dz[..., s:e] = gl[id(zs)]
+        if B.dim() >= 3:
+            grads.setdefault("B", torch.zeros_like(B))[..., s:e] = gl[id(Bs)]
+        if C.dim() >= 3:
+            grads.setdefault("C", torch.zeros_like(C))[..., s:e] = gl[id(Cs)]
+        carry = gl[id(h0)]
+    dB = grads.get("B") if B.dim() >= 3 else B_.grad
+    dC = grads.get("C") if C.dim() >= 3 else C_.grad
+    g_or_zero = lambda x, ref: (x if x is not None else torch.zeros_like(ref)) if ref is not None else None  # noqa: E731
+    return (du, ddelta, g_or_zero(A_.grad, A), g_or_zero(dB, B), g_or_zero(dC, C),
+            g_or_zero(D_.grad if D_ is not None else None, D), dz,
+            g_or_zero(bias_.grad if bias_ is not None else None, delta_bias), None, None, None) if any(need) else (None,) * 11
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -321,7 +321,8 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
                       sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
                       BS: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                       HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
-    """Rows s of one chunk and head (key side): dx, the dt.x part of ddt, the key half of dcs, D partials."""
+    """Rows s of one chunk and head (key side): dx, the dt.x part of ddt, D partials, and the end-state term of
+    dcs (-B_s.dB_s from the chunk state), which _ssd_chunk_bwd_dcs then adds to."""
     pid_s = tl.program_id(0)
     s0 = pid_s * BS
     row = tl.program_id(1).to(tl.int64)
@@ -349,8 +350,7 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
     BdS = _rowdot(B_ptr, b_rows, sm, sb_n, dS_ptr, (row * NC + c) * P * N + p.to(tl.int64) * N, pm, 1, N,
                   dot_ty, BS, BP, BK, PREC)
     dV = tl.where(keep[:, None], BdS * tl.exp(tl.where(keep, cs_end - cs_s, 0.0))[:, None], 0.0)
-    dcs = -tl.sum(dV * V, axis=1)
-    Vd = V.to(dot_ty)
+    tl.store(dcs_ptr + row * Lp + s, -tl.sum(dV * V, axis=1), mask=sm)  # _ssd_chunk_bwd_dcs adds the rest
     # inside the chunk: y_t += (C_t.B_s) exp(cs_t - cs_s) V_s for s <= t
     for t0 in range(s0, tl.minimum(c * Q + Q, L), BS):
         t = t0 + tl.arange(0, BS)
@@ -363,8 +363,6 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
         decay = tl.trans(_causal_decay(t, s, tl.load(cs_ptr + row * Lp + t), cs_s,
                                        _seq_at(seq_ptr, b, t, L, HAS_SEQ), seq_s, L))
         dV = tl.dot((CBt * decay).to(dot_ty), dy_t, dV, input_precision=PREC)
-        dCBt = tl.dot(Vd, tl.trans(dy_t), input_precision=PREC) * decay
-        dcs -= tl.sum(dCBt * CBt, axis=1)
     dx = dV * dt_s[:, None]
     if HAS_D:
         dy_s = tl.load(dy_ptr + b * sy_b + s64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p, mask=sp_mask,
@@ -376,7 +374,6 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
         tl.store(dD_ptr + ((b * tl.num_programs(0) + pid_s) * H + h) * P + p, tl.sum(dy_s * x_s, axis=0), mask=pm)
     tl.store(dx_ptr + _own_off(b, s64, h, p, L, H, P), dx.to(dx_ptr.dtype.element_ty), mask=sp_mask)
     tl.store(ddtx_ptr + row * Lp + s, tl.sum(dV * x_s, axis=1), mask=sm)
-    tl.store(dcs_ptr + row * Lp + s, dcs, mask=sm)
 
 
 @triton.jit
@@ -486,8 +483,9 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
                        sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
                        BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                        PREC: tl.constexpr):
-    """Rows t of one chunk and head: the query half of dcs, C_t.dC_t = sum_s dCB*CB + dy_t.(exp(cs_t) C_t h_in),
-    added to the key half written by _ssd_chunk_bwd_dx."""
+    """Rows t of one chunk and head: the C.B^T and h_in terms of dcs. Each (t, s) tile of dCB * CB adds its
+    row sums to dcs_t (C_t.dC_t) and subtracts its column sums from dcs_s (-B_s.dB_s): relaxed fp32 atomics
+    onto what _ssd_chunk_bwd_dx stored (another program may own rows s)."""
     t0 = tl.program_id(0) * BT
     row = tl.program_id(1).to(tl.int64)
     b = row // H
@@ -523,9 +521,10 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
                      dot_ty, BT, BT, BK, PREC)
         decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
         dCB = tl.dot(dy_d, tl.trans(V), input_precision=PREC) * decay
-        dcs += tl.sum(dCB * CB, axis=1)
-    key = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0)
-    tl.store(dcs_ptr + row * Lp + t, key + dcs, mask=tm)
+        prod = dCB * CB
+        dcs += tl.sum(prod, axis=1)
+        tl.atomic_add(dcs_ptr + row * Lp + s, -tl.sum(prod, axis=0), mask=sm, sem="relaxed")
+    tl.atomic_add(dcs_ptr + row * Lp + t, dcs, mask=tm, sem="relaxed")
 
 
 @triton.jit

@@ -191,8 +191,40 @@ def test_mot_variant_trains_and_writes_record(mot, tmp_path):
     argv = [f"--{k}={v}" for k, v in dict(
         preset="cpu", model_dim=32, num_heads=2, head_dim=16, block_size=32, train_seq_len=128, val_seq_len=128,
         batch_slices=2, val_tokens=256, num_iterations=5, val_loss_every=0, window_max_tokens=64, seed=0,
-        mot=mot, char_dim=16, records_dir=tmp_path, run_name=f"mot_{mot}").items()]
+        mot=mot, char_dim=16, records_dir=tmp_path, run_name=f"mot_{mot}",
+        # the same CPU-sized path on a CUDA box (auto would pick compiled FlexAttention, bf16, FP8)
+        attention="sdpa", compile="off", fp8_head="off", dtype="float32").items()]
     summary = tg.main(argv)
     assert summary["train_loss"][-1] < summary["train_loss"][0] - 0.3
     (path,) = list(tmp_path.glob("*/summary.json"))
     assert json.loads(path.read_text())["hyperparameters"]["mot"] == mot
+
+
+@pytest.mark.parametrize("mot", ["cross", "cross+attn"])
+def test_byte_order_reaches_the_model(mot):
+    """"stop" and "pots" must not enter alike: permuting the bytes of a token's row changes its input
+    embedding (same token id, so the token embedding is the same). Control: with the byte-slot embedding
+    zeroed the encoder is a bag of bytes again (equal up to rounding), so the first assertion measures the
+    slot embedding, not noise."""
+    (stop,) = gpt2_encoding().encode(" stop")
+    model = random_mot(tiny(mot))
+    seq = torch.tensor([EOT_ID, 464, stop, 2068, stop])
+    row = model.mot.byte_table[stop].clone()
+    assert row[:5].tolist() == list(b" stop")
+    permuted = row.clone()
+    permuted[:5] = torch.tensor(list(b" pots"), dtype=row.dtype)
+
+    def embeddings():
+        out = []
+        for r in (row, permuted):
+            model.mot.byte_table[stop] = r
+            out.append(model.input_embedding(seq)[0])
+        return out
+    with torch.no_grad():
+        a, b = embeddings()
+        model.mot.char_pos_embed.weight.zero_()
+        a0, b0 = embeddings()
+    moved = seq == stop
+    assert (a[moved] - b[moved]).abs().max() > 1e-2
+    assert torch.allclose(a0, b0, atol=1e-5)
+    assert torch.allclose(a[:2], b[:2], atol=1e-5)  # tokens before the first change: same

@@ -236,8 +236,10 @@ TINY_RUN = ["--preset=cpu", "--model_dim=32", "--num_heads=2", "--head_dim=16", 
 
 
 def run_training(tmp_path, nproc, name):
+    """A CPU run on every machine: CUDA hidden, so the 2-rank run uses gloo even on a 1-GPU box and both runs
+    take the same (dense-mask, fp32) path as the reference they are compared with."""
     records = tmp_path / f"records_{name}"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
     cmd = launcher + ["train_gpt.py", *TINY_RUN, f"--records_dir={records}", f"--run_name={name}"]
@@ -263,6 +265,8 @@ def test_training_lowers_loss_and_writes_record(one_process_run):
     log = (folder / "train.log").read_text()
     assert "class GPT(nn.Module)" in log  # the source is logged
     assert "Running PyTorch" in log and "step:8/8 val_loss:" in log and "peak memory" in log
+    assert "step:3/8 train_loss:" in log and "train data: 1 shards" in log
+    assert summary["status"] == "completed" and summary["diverged_at_step"] is None
     assert "step:8/8 val_loss:" in stdout
 
 

@@ -413,8 +413,12 @@ def _bwd_chunk_kernel(
 # ------------------------------------------------------------------ launchers
 
 def chunk_size(dstate: int) -> int:
-    """Time steps per chunk: the (dstate, T) tile holds TILE_ELEMS elements (MAX_CHUNK at most, 8 at least)."""
-    return max(8, min(MAX_CHUNK, TILE_ELEMS // triton.next_power_of_2(dstate)))
+    """Time steps per chunk (at most MAX_CHUNK, at least 8). From dstate 16 up the (dstate, T) tile holds
+    TILE_ELEMS elements (the backward runs it with 8 warps); below, at most TILE_ELEMS / 4 (4 warps): ptxas
+    spills the backward with 1024-element tiles at 4 and at 8 warps (measured for sm_90, dstate 8)."""
+    block_n = triton.next_power_of_2(dstate)
+    tile = TILE_ELEMS if block_n >= 16 else TILE_ELEMS // 4
+    return max(8, min(MAX_CHUNK, tile // block_n))
 
 
 def channels_per_program(dim: int, groups: int) -> int:
@@ -427,8 +431,8 @@ def channels_per_program(dim: int, groups: int) -> int:
 
 
 def _bwd_warps(block_n: int, chunk: int) -> int:
-    """The backward keeps ~15 (dstate, T) tiles live: 8 warps once a tile is 2048 elements."""
-    return 8 if block_n * chunk >= 2048 else 4
+    """The backward keeps ~15 (dstate, T) tiles live: 8 warps for TILE_ELEMS-element tiles (see chunk_size)."""
+    return 8 if block_n * chunk >= TILE_ELEMS else 4
 
 
 def _bc_strides(M):
@@ -547,3 +551,68 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, softp
     return (du, ddelta, dA.sum((0, 2)).to(A.dtype), fixed_or_var(dB, B), fixed_or_var(dC, C),
             dD.sum((0, 2)).to(D.dtype) if D is not None else None, dz,
             dbias.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None)
+
+
+# ------------------------------------------------------------------ compile specifications
+
+# pointers holding the inputs' dtype (the rest are fp32, or int32 for seq_idx and the reset flags)
+_DATA_PTRS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
+              "dz_ptr"}
+# strides the launcher sees as 1 (contiguous time axis, A's state axis) and Triton specialises to constants
+_UNIT_STRIDES = {"s_ul", "s_dl", "s_zl", "s_ol", "s_gl", "s_sl", "s_dul", "s_ddl", "s_dzl", "s_an"}
+_ALL_ON = dict(VAR_B=True, VAR_C=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_SEQ=True, SOFTPLUS=True)
+_ALL_OFF = dict(VAR_B=False, VAR_C=False, HAS_D=False, HAS_Z=False, HAS_BIAS=False, HAS_SEQ=False, SOFTPLUS=False)
+
+
+def _signature(fn, dtype, constexprs, unit_strides):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs or name in unit_strides:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ("*" + dtype if name in _DATA_PTRS else
+                         "*i32" if name in ("seq_ptr", "flags_ptr", "sflags_ptr") else "*fp32")
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _spec(label, fn, dtype, constexprs, num_warps, unit_strides):
+    consts = dict(constexprs, **{s: 1 for s in unit_strides if s in fn.arg_names})
+    sig = _signature(fn, dtype, constexprs, unit_strides)
+    aligned = [a for a, ty in sig.items() if ty.startswith("*")]
+    aligned += [a for a in ("L", "DIM", "s_ub", "s_ud", "s_db", "s_dd", "s_zb", "s_zd", "s_ob", "s_od", "s_gb",
+                            "s_gd", "s_dub", "s_dud", "s_ddb", "s_ddd", "s_dzb", "s_dzd") if sig.get(a) == "i32"]
+    return dict(name=label, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps, num_stages=1,
+                divisible_by_16=aligned)
+
+
+def compile_specs():
+    """Every (kernel, block configuration) the launchers can pick, for the sm_90 resource check
+    (kernels/compile_check.py). The block configuration is a function of dstate alone (BLOCK_N = next power
+    of two in 1..256, T = chunk_size, warps): all nine are listed for each kernel, with the two feature sets
+    that bracket register use (everything on with input-dependent B/C, everything off with fixed B/C), in
+    bf16; fp16 and fp32 (which change only the loads' conversions) at dstate 16, Mamba's default.
+    Time-axis strides are the constant 1 the launcher specialises for contiguous inputs."""
+    specs = []
+    for block_n in (1 << k for k in range(9)):
+        T = chunk_size(block_n)
+        dtypes = ("bf16", "fp16", "fp32") if block_n == 16 else ("bf16",)
+        for dtype in dtypes:
+            for feats_name, feats in (("all", _ALL_ON), ("none", _ALL_OFF)):
+                unit = _UNIT_STRIDES | ({"s_b3", "s_c3"} if feats["VAR_B"] else set())
+                for finish in (False, True):
+                    const = dict(T=T, BLOCK_N=block_n, FINISH=finish, **feats)
+                    stage = "finish" if finish else "summary"
+                    specs.append(_spec(f"scan_fwd_{stage} N{block_n} T{T} {dtype} {feats_name}", _fwd_chunk_kernel,
+                                       dtype, const, 4, unit))
+                    warps = _bwd_warps(block_n, T) if finish else 4
+                    specs.append(_spec(f"scan_bwd_{stage} N{block_n} T{T} {dtype} {feats_name}", _bwd_chunk_kernel,
+                                       dtype, const, warps, unit))
+        block_c = max(1, CARRY_TILE // block_n)  # the launcher's choice for dim >= CARRY_TILE / BLOCK_N
+        for mode in (0, 1, 2):
+            for reverse in (False, True):
+                const = dict(BLOCK_C=block_c, BLOCK_N=block_n, MODE=mode, REVERSE=reverse, HAS_SEQ=True)
+                specs.append(_spec(f"scan_carry mode{mode}{' rev' if reverse else ''} N{block_n}", _carry_kernel,
+                                   "fp32", const, 4, {"s_an"}))
+    return specs

@@ -135,10 +135,12 @@ PTXAS_RE = {
 
 
 def parse_ptxas_log(log: str) -> dict:
+    """Registers (the most of any function in the log), spill and stack bytes (summed over functions: a
+    non-inlined device function reports its own), or None when the log lacks them."""
     out = {}
     for key, rx in PTXAS_RE.items():
-        m = rx.search(log)
-        out[key] = int(m.group(1)) if m else None
+        values = [int(v) for v in rx.findall(log)]
+        out[key] = (max(values) if key == "registers" else sum(values)) if values else None
     return out
 
 

@@ -160,12 +160,10 @@ def _segment_backward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus,
         q.masked_fill_(~keep[..., None], 0.0)
         dh0.masked_fill_(~keep[..., 0, None], 0.0)
     ddt = torch.linalg.vecdot(q, A[:, :, None, :])
-    dA = torch.einsum("bgdsn,bgds->gdn", q, dt)
+    dA = (q.transpose(-1, -2) @ dt[..., None]).squeeze(-1).sum(0)  # batched matmul over (b, G, Dg): no copies
     ddtu = torch.linalg.vecdot(g, Bs)
 
     def per_step_matrix_grad(states, coef, M):  # gradient of B or C from sum over channels of states * coef
-        if M.shape[2] == 1 and M.shape[-2] > 1:  # input-dependent, shared by a group's channels
-            return torch.einsum("bgdsn,bgds->bgsn", states, coef).unsqueeze(2)
         return (states * coef[..., None]).sum_to_size(M.shape)
     dBs = per_step_matrix_grad(g, dtu, Bs)
     dCs = per_step_matrix_grad(h, dy, Cs)

@@ -142,6 +142,8 @@ def stage_env(check: Check, budget: float) -> dict:
             info[mod] = None
     git = lambda *a: subprocess.run(["git", *a], cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()  # noqa: E731
     info.update(git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
+    if not info["git_commit"]:  # a working tree sent without .git: the commit .carry was prepared at
+        info["git_commit"] = f"{carry_manifest(check).get('git_commit_at_preparation', 'unknown')} (when .carry was prepared)"
     if torch.cuda.is_available() and not check.args.dry_run:
         p = torch.cuda.get_device_properties(0)
         info.update(device=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
@@ -159,14 +161,18 @@ def stage_env(check: Check, budget: float) -> dict:
     return dict(status="passed", **info)
 
 
+def carry_manifest(check: Check) -> dict:
+    path = check.args.carry / "MANIFEST.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def install_peers(check: Check, budget: float) -> dict:
     """Install the carried wheels whose top-level module does not import, offline, into a temporary folder
     that every later stage gets on PYTHONPATH; put the pruned mamba_ssm copy on PYTHONPATH too."""
     wheels_dir, status = check.args.carry / "wheels", {}
     if not wheels_dir.is_dir():
         return {"note": f"no {wheels_dir}: peers not installed (run tools/prepare_gpu.py on a networked machine)"}
-    manifest = json.loads((check.args.carry / "MANIFEST.json").read_text()) if (check.args.carry / "MANIFEST.json").is_file() else {}
-    names = manifest.get("import_names", {})
+    names = carry_manifest(check).get("import_names", {})
     missing = []
     for whl in sorted(wheels_dir.glob("*.whl")):
         dist = whl.name.split("-")[0].replace("_", "-")

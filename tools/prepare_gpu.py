@@ -195,8 +195,10 @@ def main(argv=None) -> int:
     corpus = copy_corpus(Path(args.corpus), out / "corpus", room)
     for name, c in corpus.items():
         print(f"  {name}: {c['tokens']:,} tokens, {mib(c['bytes']):.2f} MiB{'' if c['whole'] else ' (prefix)'}")
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    # the device machine may get the working tree without .git: gpu_check.py reports this commit then
     manifest = dict(wheels=wheels, import_names=IMPORT_NAMES, mamba_ssm=mamba_version, corpus=corpus,
-                    corpus_source=str(Path(args.corpus).resolve()))
+                    corpus_source=str(Path(args.corpus).resolve()), git_commit_at_preparation=git("rev-parse", "HEAD"))
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
     print("offline install check:")
     problems = check_offline_install(out / "wheels", out / "mamba_ssm")

@@ -88,6 +88,12 @@ def _recompute_grads(forward, inputs, output_grads):
     return [_fresh(torch.zeros_like(t) if g is None else g, t.dtype, all_inputs) for t, g in zip(wanted, grads)]
 
 
+def _static(*tensors) -> bool:
+    """Whether every shape is concrete. The eager argument checks hash sizes, which symbolic sizes
+    (dynamic-shape compiles) refuse; there the checks run when the op runs (the eager function's own)."""
+    return not any(isinstance(s, torch.SymInt) for t in tensors if t is not None for s in t.shape)
+
+
 def _fake_grads(inputs) -> list[Tensor]:
     return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs
             if t is not None and t.is_floating_point()]
@@ -119,8 +125,9 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 @selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, discretization, backend):
-    validate_selective_scan(u, delta, A, B, C, D, z, delta_bias, seq_idx, discretization,
-                            resolve_backend(backend, u))
+    if _static(u, delta, A, B, C, D, z, delta_bias, seq_idx):
+        validate_selective_scan(u, delta, A, B, C, D, z, delta_bias, seq_idx, discretization,
+                                resolve_backend(backend, u))
     batch, dim, L = u.shape
     return u.new_empty((batch, dim, L)), u.new_empty((batch, dim, A.shape[1]), dtype=_state_dtype(u))
 
@@ -184,8 +191,9 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
 
 @ssd_fwd.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_limit, backend):
-    resolve_backend(backend, x)
-    validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
+    if _static(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
+        resolve_backend(backend, x)  # for its errors (e.g. triton without CUDA) at compile time
+        validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
     batch, L, H, P = x.shape
     return x.new_empty((batch, L, H, P)), x.new_empty((batch, H, P, B.shape[3]), dtype=_state_dtype(x))
 

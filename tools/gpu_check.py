@@ -24,7 +24,6 @@ whole through $OUT. --dry-run writes under a temporary folder unless --out_root 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
@@ -41,6 +40,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_DIR))  # the project's packages (kernels, seqtasks) when run as a script
 CARRY_DIR = REPO_DIR / ".carry"
 MOT_VARIANTS = ("none", "cross", "cross+attn", "cross+mamba", "cross+mamba2")
 STAGES = ("env", "compile", "cuda_tests", "bench", "train", "suite")
@@ -455,17 +455,9 @@ def write_outputs(check: Check, name: str):
 
 
 def new_run_dir(root: Path, device: str) -> Path:
-    """records/gpu/<date>_<device>, with a counter when that exists: never reuses a folder."""
-    root.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}_{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}"
-    for i in range(1, 1000):
-        path = root / (stem if i == 1 else f"{stem}_{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise SystemExit(f"cannot make a new folder under {root}")
+    """records/gpu/<date>_<device>[_N]: never reuses a folder (seqtasks' atomic-mkdir helper)."""
+    from seqtasks.run import new_run_dir as fresh_dir
+    return fresh_dir(root, re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"))
 
 
 # ----------------------------------------------------------------------------- interpreter smoke check

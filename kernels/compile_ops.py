@@ -9,20 +9,19 @@ strides) and its autograd formula.
 Design choices:
 - Each op's real implementation calls the public eager function with the caller's `backend`; the backend is
   resolved when the op runs, as an eager call resolves it. No recursion: torch.compiler.is_compiling() is
-  False when a compiled graph runs the op (tests/test_compile_ops.py checks it).
+  False when a compiled graph runs the op (every compiled test in tests/test_compile_ops.py would otherwise
+  recurse without end).
 - Backward is a second custom op that recomputes the forward under autograd with the same eager function
   and calls torch.autograd.grad. This costs one extra forward per backward, but stays exact for every backend
   and every option (seq_idx, bilinear, initial states...) without depending on any backend's internal
-  saved-tensor layout. Gradients flow exactly where the eager function's do: the scan's last state is
-  non-differentiable on the Triton backend and differentiable on the torch/ref ones, in eager and compiled
-  alike.
+  saved-tensor layout. Gradients flow exactly where the eager function's do (whatever a backend does with
+  the last / final state's gradient, it does in eager and compiled alike).
 - Outputs are new dense (row-major) tensors of fixed dtypes (out like u / x; states float32, float64 for
   float64 inputs), so the fake implementations state exact strides and Inductor's stride checks hold.
 - The fake implementations run the eager argument checks, so bad input raises the eager ValueError while
-  compiling, before anything runs.
+  compiling, before anything runs (with concrete shapes; under dynamic shapes the op's own call checks).
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.library reads the op signatures' annotations as types
 from contextlib import contextmanager
 from typing import Optional
 

@@ -4,8 +4,8 @@
 - Compiled vs eager, forward and every gradient, both ops, optional arguments on and off, torch and triton
   backends (Triton's interpreter on CPU): the compiled graph runs the same eager kernels (the backward
   recomputes the forward with them), so results agree to the last bit but for the fp32 rounding of the
-  surrounding ops that AOTAutograd and Inductor decompose or fuse (measured up to 6e-7 of the largest
-  gradient in the MoT model); a norm-relative error of 1e-5 allows that and nothing more.
+  surrounding ops that AOTAutograd and Inductor decompose or fuse (measured: 0 for the ops alone, 7e-7 in
+  the MoT model); a norm-relative error of 1e-5 allows that and nothing more.
 - No graph break and the op present in the graph, for the public functions, the Mamba / Mamba2 modules and
   train_gpt's MoT+Mamba model. Compiles use backend="aot_eager" (dynamo, fake tensors, AOTAutograd: every
   piece of the op registration) because Inductor's C++ codegen takes minutes on CPU; one Inductor test checks

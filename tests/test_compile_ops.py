@@ -169,6 +169,19 @@ def test_compiled_ssd_matches_eager(options, backend):
     check_compiled(ssd_outputs, kw, requiring_grad(kw), [SSD_OP])
 
 
+def cast(kw, names, dtype):
+    return dict(kw, **{k: kw[k].detach().to(dtype).requires_grad_() for k in names})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_compiled_dtypes_match_eager(dtype):
+    """Outputs in the input's dtype, states float32 (float64 for float64 inputs), gradients in each input's."""
+    fp64 = dtype == torch.float64  # A, D and the biases take float32 or float64 only
+    scan = cast(scan_args("all"), ("u", "delta", "B", "C", "z") + (("A", "D", "delta_bias") if fp64 else ()), dtype)
+    ssd = cast(ssd_args("all"), ("x", "dt", "B", "C", "z") + (("A", "D", "dt_bias") if fp64 else ()), dtype)
+    check_compiled(both_outputs, dict(scan=scan, ssd=ssd), requiring_grad([scan, ssd]), [SCAN_OP, SSD_OP])
+
+
 def both_outputs(scan, ssd):
     return scan_outputs(**scan) + ssd_outputs(**ssd)
 

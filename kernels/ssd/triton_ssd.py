@@ -196,6 +196,13 @@ def _causal_decay(t, s, cs_t, cs_s, seq_t, seq_s, L):
 
 
 @triton.jit
+def _causal_decay_keys(s, t, cs_s, cs_t, seq_s, seq_t, L):
+    """The transpose of _causal_decay, built in (s, t) order (no layout change)."""
+    same = (t[None, :] >= s[:, None]) & (t[None, :] < L) & (seq_t[None, :] == seq_s[:, None])
+    return tl.where(same, tl.exp(tl.where(same, cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)
+
+
+@triton.jit
 def _ssd_chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, D_ptr, out_ptr, ypre_ptr,
                         L, H, G, P, N, Lp, NC, Q,
                         sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, sb_b, sb_l, sb_g, sb_n,
@@ -360,8 +367,8 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
                        mask=tm[:, None] & pm[None, :], other=0.0).to(dot_ty)
         CBt = _rowdot(B_ptr, b_rows, sm, sb_n, C_ptr, b * sc_b + t64 * sc_l + g * sc_g, tm, sc_n, N,
                       dot_ty, BS, BS, BK, PREC)  # (s, t): B_s.C_t
-        decay = tl.trans(_causal_decay(t, s, tl.load(cs_ptr + row * Lp + t), cs_s,
-                                       _seq_at(seq_ptr, b, t, L, HAS_SEQ), seq_s, L))
+        decay = _causal_decay_keys(s, t, cs_s, tl.load(cs_ptr + row * Lp + t), seq_s,
+                                   _seq_at(seq_ptr, b, t, L, HAS_SEQ), L)
         dV = tl.dot((CBt * decay).to(dot_ty), dy_t, dV, input_precision=PREC)
     dx = dV * dt_s[:, None]
     if HAS_D:
@@ -379,9 +386,10 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
 @triton.jit
 def _ssd_chunk_bwd_db(x_ptr, dy_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, dB_ptr, L, H, G, P, N, Lp, NC, Q,
                       sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sc_b, sc_l, sc_g, sc_n,
-                      BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                       PREC: tl.constexpr):
-    """Rows s, one N block, summed over the heads of one group inside the program: dB."""
+    """Rows s, one N block, summed over the heads of one group inside the program: dB. Sums over headdim
+    go BK at a time (_rowdot), so nothing headdim-wide is held."""
     s0 = tl.program_id(0) * BS
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     bg = tl.program_id(2).to(tl.int64)
@@ -393,8 +401,6 @@ def _ssd_chunk_bwd_db(x_ptr, dy_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, dB
     s = s0 + tl.arange(0, BS)
     sm = s < L
     s64 = s.to(tl.int64)
-    p = tl.arange(0, BP)
-    pm = p < P
     nm = n < N
     seq_s = _seq_at(seq_ptr, b, s, L, HAS_SEQ)
     t_stop = tl.minimum(c * Q + Q, L)
@@ -403,26 +409,25 @@ def _ssd_chunk_bwd_db(x_ptr, dy_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, dB
         h = g * R + r
         row = b * H + h
         cs_s = tl.load(cs_ptr + row * Lp + s)
-        x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-                      mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)
-        V = (x_s * tl.load(dtp_ptr + row * Lp + s)[:, None]).to(dot_ty)
+        dt_s = tl.load(dtp_ptr + row * Lp + s)
+        x_rows = b * sx_b + s64 * sx_l + h * sx_h
         cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
         keep = sm & (seq_s == seq_end)
-        dS = tl.load(dS_ptr + (row * NC + c) * P * N + p[:, None] * N + n[None, :],
-                     mask=pm[:, None] & nm[None, :], other=0.0).to(dot_ty)
-        w_end = tl.exp(tl.where(keep, cs_end - cs_s, 0.0))
-        dB += tl.where(keep[:, None], tl.dot(V, dS, input_precision=PREC) * w_end[:, None], 0.0)
+        # end state: dB_s += exp(cs_end - cs_s) dt_s x_s dS
+        xdS = _rowdot(x_ptr, x_rows, sm, sx_p, dS_ptr, (row * NC + c) * P * N + n, nm, N, P, dot_ty, BS, BN, BK, PREC)
+        w_end = tl.exp(tl.where(keep, cs_end - cs_s, 0.0)) * dt_s
+        dB += tl.where(keep[:, None], xdS * w_end[:, None], 0.0)
         for t0 in range(s0, t_stop, BS):
             t = t0 + tl.arange(0, BS)
             tm = t < L
             t64 = t.to(tl.int64)
-            dy_t = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
-                           mask=tm[:, None] & pm[None, :], other=0.0).to(dot_ty)
             Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
                          mask=tm[:, None] & nm[None, :], other=0.0).to(dot_ty)
-            decay = tl.trans(_causal_decay(t, s, tl.load(cs_ptr + row * Lp + t), cs_s,
-                                           _seq_at(seq_ptr, b, t, L, HAS_SEQ), seq_s, L))
-            dCBt = tl.dot(V, tl.trans(dy_t), input_precision=PREC) * decay
+            decay = _causal_decay_keys(s, t, cs_s, tl.load(cs_ptr + row * Lp + t), seq_s,
+                                       _seq_at(seq_ptr, b, t, L, HAS_SEQ), L)
+            xdy = _rowdot(x_ptr, x_rows, sm, sx_p, dy_ptr, b * sy_b + t64 * sy_l + h * sy_h, tm, sy_p, P,
+                          dot_ty, BS, BS, BK, PREC)
+            dCBt = xdy * dt_s[:, None] * decay
             dB = tl.dot(dCBt.to(dot_ty), Ct, dB, input_precision=PREC)
     tl.store(dB_ptr + _own_off(b, s64, g, n, L, G, N), dB.to(dB_ptr.dtype.element_ty), mask=sm[:, None] & nm[None, :])
 
@@ -430,7 +435,7 @@ def _ssd_chunk_bwd_db(x_ptr, dy_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, dB
 @triton.jit
 def _ssd_chunk_bwd_dc(x_ptr, dy_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, dC_ptr, L, H, G, P, N, Lp, NC, Q,
                       sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n,
-                      BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                       PREC: tl.constexpr):
     """Rows t, one N block, summed over the heads of one group inside the program: dC."""
     t0 = tl.program_id(0) * BT
@@ -444,35 +449,30 @@ def _ssd_chunk_bwd_dc(x_ptr, dy_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, d
     t = t0 + tl.arange(0, BT)
     tm = t < L
     t64 = t.to(tl.int64)
-    p = tl.arange(0, BP)
-    pm = p < P
     nm = n < N
     seq_t = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
     dC = tl.zeros((BT, BN), dtype=tl.float32)
     for r in range(0, R):
         h = g * R + r
         row = b * H + h
-        dy_t = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
-                       mask=tm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+        dy_rows = b * sy_b + t64 * sy_l + h * sy_h
         cs_t = tl.load(cs_ptr + row * Lp + t)
         seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)[2]
         into = tm & (seq_t == seq_in)
-        hin = tl.load(hin_ptr + (row * NC + c) * P * N + p[:, None] * N + n[None, :],
-                      mask=pm[:, None] & nm[None, :], other=0.0).to(dot_ty)
-        dyw = tl.where(into[:, None], dy_t * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
-        dC = tl.dot(dyw.to(dot_ty), hin, dC, input_precision=PREC)
-        dy_d = dy_t.to(dot_ty)
+        # the incoming state: dC_t += exp(cs_t) dy_t h_in
+        dyh = _rowdot(dy_ptr, dy_rows, tm, sy_p, hin_ptr, (row * NC + c) * P * N + n, nm, N, P, dot_ty, BT, BN, BK,
+                      PREC)
+        dC += tl.where(into[:, None], dyh * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
         for s0 in range(c * Q, t0 + BT, BT):
             s = s0 + tl.arange(0, BT)
             sm = s < L
             s64 = s.to(tl.int64)
-            x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-                          mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)
-            V = (x_s * tl.load(dtp_ptr + row * Lp + s)[:, None]).to(dot_ty)
             Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
                          mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
             decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
-            dCB = tl.dot(dy_d, tl.trans(V), input_precision=PREC) * decay
+            dyx = _rowdot(dy_ptr, dy_rows, tm, sy_p, x_ptr, b * sx_b + s64 * sx_l + h * sx_h, sm, sx_p, P,
+                          dot_ty, BT, BT, BK, PREC)
+            dCB = dyx * tl.load(dtp_ptr + row * Lp + s)[None, :] * decay
             dC = tl.dot(dCB.to(dot_ty), Bs, dC, input_precision=PREC)
     tl.store(dC_ptr + _own_off(b, t64, g, n, L, G, N), dC.to(dC_ptr.dtype.element_ty), mask=tm[:, None] & nm[None, :])
 
@@ -593,7 +593,7 @@ def block_config(kernel: str, P: int, N: int, dtype: torch.dtype) -> dict:
         return dict({"BS" if kernel == "chunk_bwd_dx" else "BT": rows}, BP=BP, BK=min(_pow2(N), 64),
                     num_warps=4 if BP <= 64 else 8, num_stages=2)
     if kernel in ("chunk_bwd_db", "chunk_bwd_dc"):
-        return dict({"BS" if kernel == "chunk_bwd_db" else "BT": rows}, BP=BP, BN=min(_pow2(N), 64),
+        return dict({"BS" if kernel == "chunk_bwd_db" else "BT": rows}, BN=min(_pow2(N), 64), BK=min(BP, 64),
                     num_warps=4 if BP <= 64 else 8, num_stages=2)
     if kernel == "gate_bwd":
         return dict(BT=32, BP=BP, num_warps=4, num_stages=1)

@@ -238,12 +238,13 @@ def mot_model(mot):
     import train_gpt as tg
     from test_mot import tiny
     torch.manual_seed(0)
-    model = tg.GPT(tiny(mot=mot), max_seq_len=256)
+    a = tiny(mot=mot, num_layers=6, window_pattern="LSSSSL", no_attn_layers="")  # the fewest layers allowed
+    model = tg.GPT(a, max_seq_len=256)
     with torch.no_grad():  # the zero-initialised projections would leave the char path without gradient
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
     seq = torch.randint(0, 50257, (64,))
-    seq[[0, 30]] = 50256  # three documents
+    seq[[0, 30]] = tg.EOT_ID  # two documents, each starting with its EOT
     return model, dict(input_seq=seq, target_seq=torch.randint(0, 50257, (64,)),
                        window_blocks=torch.tensor(2, dtype=torch.int32), dense_mask=True)
 

@@ -1,12 +1,19 @@
 """selective_scan_fn against an independent float64 recurrence, every backend, forward and every gradient.
 
 The Triton kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set in conftest), on
-small shapes; on a CUDA machine the same cases also run compiled.
+small shapes, with chunks of 8 steps and the two-level carry from 4 chunks on (fixture small_chunks), so
+that lengths 7..300 cover one chunk, partial chunks, several chunks and both carry levels; (dstate, chunk)
+tiles of 4 x 8 .. 16 x 8 are smaller than a warp group, the case where the old backward raced. On a CUDA
+machine the same cases run compiled, and real shapes are checked against the torch path.
 
 Tolerances: float32 paths accumulate in fp32 over at most 300 steps, so the norm-relative error against
-float64 stays near 1e-7; we allow 1e-5 (and check upstream's elementwise fp32 tolerances, rtol 6e-4 /
-atol 2e-3, on top). bf16/fp16 inputs are compared with the oracle run on the same rounded inputs; the
-error is then the rounding of the outputs and gradients to 8 (bf16) or 11 (fp16) mantissa bits.
+float64 stays near 1e-7 (measured: at most 6.3e-7 on the half-precision test's shape); we allow 1e-5 (and
+check upstream's elementwise fp32 tolerances, rtol 6e-4 / atol 2e-3, on top). bf16/fp16 inputs are compared
+with the oracle run on the same rounded inputs; the error is then the rounding of outputs, gradients and the
+output gradient (rounded to the input dtype, exact in the oracle) to 8 (bf16) or 11 (fp16) mantissa bits:
+measured norm-relative at most 4.0e-3 (bf16; 5.4e-3 for ddelta_bias, which gets 4x; the interpreter truncates
+to bf16) and 8.4e-4 (fp16), over the triton and torch backends, seeds 3..5, shape 2 x 4 x 40 x 4
+(/tmp/scan_half.py, quoted in the devlog).
 """
 import math
 
@@ -15,11 +22,24 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from helpers import rel
+from helpers import TRITON_DEVICE, rel
 from kernels import selective_scan_fn
 
 HAS_TRITON = kernels._utils.triton_available()
 CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 8 steps, two-level carry past 3 chunks: small shapes cross every boundary the kernels have."""
+    if HAS_TRITON:
+        from kernels.selective_scan import triton_scan
+        monkeypatch.setattr(triton_scan, "MAX_CHUNK", 8)
+        monkeypatch.setattr(triton_scan, "CARRY_SINGLE_MAX", 3)
+
+
+def on_triton_device(inp, backend):
+    return {k: (v.to(TRITON_DEVICE) if (v is not None and backend == "triton") else v) for k, v in inp.items()}
 
 
 def oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, seq_idx=None, bilinear=False):
@@ -89,29 +109,31 @@ def make_inputs(batch, dim, L, N, bc="var4", groups=1, D=True, z=True, bias=True
 
 
 def check_case(backend, inp, seq, softplus, last_state, dtype, tol):
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items() if v is not None}
+    dev = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    leaves = {k: v.detach().to(dev).requires_grad_() for k, v in inp.items() if v is not None}
     ref_leaves = {k: v.detach().double().requires_grad_() for k, v in inp.items() if v is not None}
     res = selective_scan_fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves.get("D"),
                             z=leaves.get("z"), delta_bias=leaves.get("delta_bias"), delta_softplus=softplus,
-                            return_last_state=last_state, seq_idx=seq, backend=backend)
+                            return_last_state=last_state, seq_idx=seq.to(dev) if seq is not None else None,
+                            backend=backend)
     out, last = res if last_state else (res, None)
     ref_out, ref_last = oracle(ref_leaves["u"], ref_leaves["delta"], ref_leaves["A"], ref_leaves["B"], ref_leaves["C"],
                                ref_leaves.get("D"), ref_leaves.get("z"), ref_leaves.get("delta_bias"), softplus, seq)
     assert out.dtype == inp["u"].dtype and out.shape == inp["u"].shape
     assert torch.isfinite(out).all()
-    assert rel(out, ref_out) < tol, f"out rel err {rel(out, ref_out):.2e}"
+    assert rel(out.cpu(), ref_out) < tol, f"out rel err {rel(out.cpu(), ref_out):.2e}"
     if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), ref_out, rtol=6e-4, atol=2e-3)
+        torch.testing.assert_close(out.cpu().double(), ref_out, rtol=6e-4, atol=2e-3)
     if last_state:
         assert last.dtype == torch.float32 and last.shape == ref_last.shape
-        assert rel(last, ref_last) < tol
+        assert rel(last.cpu(), ref_last) < tol
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    out.backward(g.to(out.dtype))
+    out.backward(g.to(out.dtype).to(dev))
     ref_out.backward(g.double())
     for k in leaves:
         assert leaves[k].grad is not None, f"no gradient for {k}"
         assert leaves[k].grad.dtype == leaves[k].dtype, f"d{k} dtype"
-        e = rel(leaves[k].grad, ref_leaves[k].grad)
+        e = rel(leaves[k].grad.cpu(), ref_leaves[k].grad)
         assert e < tol * (4 if k in ("delta", "delta_bias", "A") else 1), f"d{k} rel err {e:.2e}"
 
 
@@ -119,13 +141,13 @@ def check_case(backend, inp, seq, softplus, last_state, dtype, tol):
 CASES = [
     (1, 4, 1, 4, "var4", 1, True, True, True, True, True, None),
     (1, 4, 7, 4, "var4", 1, True, True, True, True, True, None),
-    (1, 8, 64, 8, "var4", 1, True, True, True, True, True, [20, 40]),
-    (1, 4, 129, 16, "var4", 1, True, True, True, True, True, [63, 64, 65]),
-    (1, 4, 300, 4, "var4", 1, True, True, True, True, True, [100]),
-    (2, 8, 20, 4, "var4", 2, True, True, True, True, False, None),
-    (2, 8, 20, 4, "var4", 4, False, False, False, False, True, [1, 19]),
-    (2, 6, 33, 5, "var3", 1, True, False, True, True, False, None),
-    (2, 6, 33, 5, "fixed", 1, False, True, False, True, True, None),
+    (1, 4, 64, 8, "var4", 1, True, True, True, True, True, [20, 40]),
+    (1, 2, 129, 16, "var4", 1, True, True, True, True, True, [63, 64, 65]),
+    (1, 2, 300, 3, "var4", 1, True, True, True, True, True, [100]),
+    (2, 4, 20, 4, "var4", 2, True, True, True, True, False, None),
+    (2, 4, 20, 4, "var4", 4, False, False, False, False, True, [1, 19]),
+    (2, 3, 33, 5, "var3", 1, True, False, True, True, False, None),
+    (2, 3, 33, 5, "fixed", 1, False, True, False, True, True, None),
     (2, 5, 17, 3, "var4", 1, False, False, False, False, False, [0, 5]),
 ]
 IDS = [f"L{c[2]}-{c[4]}-G{c[5]}-{'D' if c[6] else ''}{'z' if c[7] else ''}{'b' if c[8] else ''}{'sp' if c[9] else ''}"
@@ -133,6 +155,7 @@ IDS = [f"L{c[2]}-{c[4]}-G{c[5]}-{'D' if c[6] else ''}{'z' if c[7] else ''}{'b' i
 BACKENDS = ["ref", "torch"] + (["triton"] if HAS_TRITON else [])
 
 
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_fp32_against_float64_oracle(backend, case):
@@ -141,41 +164,69 @@ def test_fp32_against_float64_oracle(backend, case):
     check_case(backend, inp, seq, sp, last, torch.float32, 1e-5)
 
 
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)], ids=["bf16", "fp16"])
 def test_half_precision_inputs(backend, dtype, tol):
-    inp, seq = make_inputs(2, 8, 40, 8, "var4", 2, dtype=dtype, seed=3, docs=[25])
+    """Tolerances: 2.5x (bf16) and 2.4x (fp16) the largest measured error (see the module docstring)."""
+    inp, seq = make_inputs(2, 4, 40, 4, "var4", 2, dtype=dtype, seed=3, docs=[25])
     check_case(backend, inp, seq, True, True, dtype, tol)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_cuda_triton_against_oracle(case):
-    batch, dim, L, N, bc, groups, D, z, bias, sp, last, docs = case
-    inp, seq = make_inputs(batch, dim, L, N, bc, groups, D, z, bias, seed=L)
-    inp = {k: (v.cuda() if v is not None else None) for k, v in inp.items()}
-    leaves = {k: v.requires_grad_() for k, v in inp.items() if v is not None}
-    out = selective_scan_fn(*(leaves[k] for k in ("u", "delta", "A", "B", "C")), D=leaves.get("D"), z=leaves.get("z"),
-                            delta_bias=leaves.get("delta_bias"), delta_softplus=sp,
-                            seq_idx=seq.cuda() if seq is not None else None, backend="triton")
-    ref, _ = oracle(*(inp[k].detach().cpu() for k in ("u", "delta", "A", "B", "C")),
-                    *(inp[k].detach().cpu() if inp[k] is not None else None for k in ("D", "z", "delta_bias")), sp, seq)
-    assert rel(out.cpu(), ref) < 1e-5
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("groups,dim", [(1, 8), (2, 12)], ids=["G1-partial-block", "G2"])
+def test_triton_channel_blocks(monkeypatch, groups, dim):
+    """Programs of 3 channels: a partial last block (dim 8), and blocks inside groups of 6 channels."""
+    from kernels.selective_scan import triton_scan
+    monkeypatch.setattr(triton_scan, "CHANNELS_PER_PROGRAM", 3)
+    assert triton_scan.channels_per_program(dim, groups) == 3
+    inp, seq = make_inputs(1, dim, 19, 4, "var4", groups, seed=21, docs=[6])
+    check_case("triton", inp, seq, True, True, torch.float32, 1e-5)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_triton_kernels_compile_for_hopper():
-    """The interpreter accepts code the compiler rejects: lower every Triton kernel (scan and SSD) to a sm_90
-    cubin (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, "-m", "kernels.compile_check", "90"], capture_output=True, text=True,
-                         env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(": ok") == 16  # 2 scan + 6 SSD kernels, features on and off
+@pytest.mark.usefixtures("small_chunks")
+def test_triton_strided_inputs():
+    """Any strides: time-strided delta (as mamba_inner_fn makes it), B/C and z views, int64 seq_idx."""
+    inp, seq = make_inputs(2, 4, 21, 4, "var4", 2, seed=9, docs=[11])
+    inp = on_triton_device(inp, "triton")
+    dense = selective_scan_fn(**inp, delta_softplus=True, seq_idx=seq.to(TRITON_DEVICE), backend="triton")
+    strided = dict(inp, delta=inp["delta"].transpose(1, 2).contiguous().transpose(1, 2),
+                   B=torch.cat([inp["B"], inp["B"]], 2)[:, :, :4], z=torch.stack([inp["z"], inp["z"]], 2)[:, :, 0])
+    assert strided["delta"].stride(-1) != 1 and not strided["B"].is_contiguous() and not strided["z"].is_contiguous()
+    out = selective_scan_fn(**strided, delta_softplus=True, seq_idx=seq.long().to(TRITON_DEVICE), backend="triton")
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.usefixtures("small_chunks")
+def test_triton_nan_in_one_document_stays_there():
+    """Resets are selects: NaN/Inf inputs in document 0 (steps 0..12, across a chunk boundary) leave document 1's
+    outputs and gradients finite and equal to a run on document 1 alone."""
+    inp, seq = make_inputs(1, 4, 40, 4, "var4", 1, seed=13, docs=[13])
+    alone_inp = {k: (v[..., 13:].clone() if (v is not None and v.dim() >= 3) else v) for k, v in inp.items()}
+    poisoned = {k: (v.clone() if v is not None else None) for k, v in inp.items()}
+    poisoned["u"][0, 1, 5] = float("nan")
+    poisoned["delta"][0, 2, 9] = float("inf")
+    poisoned["B"][0, 0, 1, 11] = float("nan")
+
+    weights = torch.randn(1, 4, 40, generator=torch.Generator().manual_seed(5))
+
+    def run(d, seq_idx, w):
+        xs = {k: v.to(TRITON_DEVICE).requires_grad_() for k, v in d.items() if v is not None}
+        out = selective_scan_fn(**xs, delta_softplus=True, seq_idx=seq_idx, backend="triton")
+        (out * w.to(out)).sum().backward()
+        return out.detach().cpu(), {k: v.grad.cpu() for k, v in xs.items()}
+
+    out_p, grad_p = run(poisoned, seq.to(TRITON_DEVICE), weights)
+    out_a, grad_a = run(alone_inp, None, weights[..., 13:])
+    assert torch.isnan(out_p[..., :13]).any()  # the poison is really there
+    assert torch.isfinite(out_p[..., 13:]).all()
+    torch.testing.assert_close(out_p[..., 13:], out_a, rtol=1e-6, atol=1e-6)
+    for k in ("u", "delta", "B", "C", "z"):
+        assert torch.isfinite(grad_p[k][..., 13:]).all(), k
+        torch.testing.assert_close(grad_p[k][..., 13:], grad_a[k], rtol=1e-5, atol=1e-6)
 
 
 def test_gradcheck_float64_torch_and_ref():
@@ -212,20 +263,25 @@ def test_bilinear_discretization(backend):
 
 # ------------------------------------------------------------------ packed documents
 
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seq_idx_equals_separate_documents(backend):
     bounds = [0, 9, 10, 31, 40]  # documents of length 9, 1, 21, 9
     inp, seq = make_inputs(1, 4, 40, 4, "var4", 1, seed=11, docs=bounds[1:-1])
-    packed = selective_scan_fn(**inp, delta_softplus=True, seq_idx=seq, backend=backend)
+    inp = on_triton_device(inp, backend)
+    packed = selective_scan_fn(**inp, delta_softplus=True, seq_idx=seq.to(inp["u"].device), backend=backend)
     for s, e in zip(bounds, bounds[1:]):
         part = {k: (v[..., s:e] if (v is not None and v.dim() >= 3) else v) for k, v in inp.items()}
         alone = selective_scan_fn(**part, delta_softplus=True, backend=backend)
         torch.testing.assert_close(packed[..., s:e], alone, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_perturbing_one_document_changes_no_other(backend):
     inp, seq = make_inputs(1, 4, 36, 4, "var4", 1, seed=12, docs=[12, 24])
+    inp = on_triton_device(inp, backend)
+    seq = seq.to(inp["u"].device)
     changed = {k: (v.clone() if v is not None else None) for k, v in inp.items()}
     for k in ("u", "delta", "B", "C", "z"):
         changed[k][..., 12:24] += torch.randn_like(changed[k][..., 12:24])  # document 1 only
@@ -233,13 +289,13 @@ def test_perturbing_one_document_changes_no_other(backend):
     def run(d):
         xs = {k: v.clone().requires_grad_() for k, v in d.items() if v is not None}
         out = selective_scan_fn(**xs, delta_softplus=True, seq_idx=seq, backend=backend)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out).to(out)).sum().backward()
         return out.detach(), {k: v.grad for k, v in xs.items()}
 
     out0, g0 = run(inp)
     out1, g1 = run(changed)
     for sl in (slice(0, 12), slice(24, 36)):
-        torch.testing.assert_close(out0[..., sl], out1[..., sl], rtol=0, atol=0)  # exact: resets multiply by 0
+        torch.testing.assert_close(out0[..., sl], out1[..., sl], rtol=0, atol=0)  # exact: nothing crosses a reset
         for k in ("u", "delta", "B", "C", "z"):
             torch.testing.assert_close(g0[k][..., sl], g1[k][..., sl], rtol=0, atol=0)
     assert not torch.allclose(out0[..., 12:24], out1[..., 12:24])

@@ -235,8 +235,17 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()
     results = []
+
+    def save(passed):  # after every result, so a run killed at a time limit leaves what it compiled
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(
+                arch=arch, shared_memory_limit=SHARED_MEMORY_LIMIT, modules=modules, configurations=len(jobs),
+                modules_compiled=sorted({r["module"] for r in results}), problems=problems, results=results,
+                passed=passed), indent=1))
+
     for r in run_jobs(jobs, arch, args.jobs):
         results.append(r)
+        save(None)
         short_mod = Path(r["module"]).stem if r["module"].endswith(".py") else r["module"].rsplit(".", 1)[-1]
         spill = f"{fmt(r.get('spill_store_bytes'))}/{fmt(r.get('spill_load_bytes'))}"
         print(f"| {'ok' if r['ok'] else 'FAILED'} | {short_mod} | {r['name']} | {fmt(r.get('num_warps'))} | "
@@ -250,10 +259,7 @@ def main(argv=None) -> int:
           f"{len(problems)} module problems, modules compiled: {', '.join(reported) or 'none'}; "
           f"{time.perf_counter() - t0:.0f} s")
     print("FAILED" if failed else "PASSED")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(arch=arch, shared_memory_limit=SHARED_MEMORY_LIMIT,
-                                                   modules=modules, modules_compiled=reported, problems=problems,
-                                                   results=results, passed=not failed), indent=1))
+    save(not failed)
     return 1 if failed else 0
 
 

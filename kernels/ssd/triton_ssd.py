@@ -578,26 +578,42 @@ def _pow2(v):
     return max(16, triton.next_power_of_2(v))
 
 
+# (rows, num_warps, num_stages) per kernel, for 2-byte / 4-byte inputs and headdim <= 64 / <= 128: the first of
+# (64,4,2) (64,8,2) (32,4,2) (32,8,2) (32,8,1) (16,4,2) (16,8,2) (16,8,1) that ptxas (sm_90) compiles without
+# spills within 232,448 B of shared memory, features all on and all off (a search over compile_specs'
+# kernels, 2026-11-30). d_state does not enter: it is walked or split 64 columns at a time.
+_ROWS = {
+    "state_fwd": {2: ((64, 8, 2),) * 2, 4: ((32, 8, 2),) * 2},
+    "state_bwd": {2: ((64, 8, 2),) * 2, 4: ((32, 8, 2),) * 2},
+    "chunk_scan_fwd": {2: ((64, 8, 2),) * 2, 4: ((64, 8, 2),) * 2},
+    "chunk_bwd_dx": {2: ((64, 8, 2), (16, 8, 2)), 4: ((32, 8, 2), (16, 8, 2))},
+    "chunk_bwd_db": {2: ((64, 8, 2),) * 2, 4: ((32, 8, 1),) * 2},
+    "chunk_bwd_dc": {2: ((32, 8, 2),) * 2, 4: ((32, 8, 2),) * 2},
+    "chunk_bwd_dcs": {2: ((64, 8, 2), (32, 8, 2)), 4: ((64, 8, 2), (32, 8, 1))},
+}
+_ROW_ARG = {"state_fwd": "BS", "state_bwd": "BS", "chunk_scan_fwd": "BT", "chunk_bwd_dx": "BS",
+            "chunk_bwd_db": "BS", "chunk_bwd_dc": "BT", "chunk_bwd_dcs": "BT"}
+
+
 def block_config(kernel: str, P: int, N: int, dtype: torch.dtype) -> dict:
-    """Documented heuristic, checked spill-free and within 232,448 B of shared memory on sm_90 for headdim
-    64/128, d_state 64/128/256, bf16 and fp32 (compile_specs lists every pick). Every program holds at most a
-    64 x 64 accumulator plus one row tile of the full headdim: d_state is walked 64 columns at a time
-    (BK) or split over programs (BN); the state passes tile (P, N) in 64 x 64 blocks."""
+    """Block sizes and launch options: a documented table (_ROWS) of row tiles; column tiles of 64 over
+    headdim (state passes, forward scan) and d_state (everything), so no program holds more than a 64-wide
+    slice of a head's state whatever its size, and the full headdim only where a row sum over it is needed."""
     BP = _pow2(P)
-    rows = 64 if dtype != torch.float32 else 32
-    if kernel in ("state_fwd", "state_bwd"):
-        return dict(BS=64, BP=min(BP, 64), BN=min(_pow2(N), 64), num_warps=4, num_stages=2)
-    if kernel == "chunk_scan_fwd":
-        return dict(BT=64, BP=min(BP, 64), BK=min(_pow2(N), 64), num_warps=4, num_stages=2)
-    if kernel in ("chunk_bwd_dx", "chunk_bwd_dcs"):
-        return dict({"BS" if kernel == "chunk_bwd_dx" else "BT": rows}, BP=BP, BK=min(_pow2(N), 64),
-                    num_warps=4 if BP <= 64 else 8, num_stages=2)
-    if kernel in ("chunk_bwd_db", "chunk_bwd_dc"):
-        return dict({"BS" if kernel == "chunk_bwd_db" else "BT": rows}, BN=min(_pow2(N), 64), BK=min(BP, 64),
-                    num_warps=4 if BP <= 64 else 8, num_stages=2)
     if kernel == "gate_bwd":
         return dict(BT=32, BP=BP, num_warps=4, num_stages=1)
-    raise ValueError(f"unknown kernel {kernel!r}")
+    rows, warps, stages = _ROWS[kernel][2 if dtype.itemsize <= 2 else 4][0 if BP <= 64 else 1]
+    cfg = {_ROW_ARG[kernel]: rows}
+    BK = min(_pow2(N), 64)
+    if kernel in ("state_fwd", "state_bwd"):
+        cfg.update(BP=min(BP, 64), BN=BK)
+    elif kernel == "chunk_scan_fwd":
+        cfg.update(BP=min(BP, 64), BK=BK)
+    elif kernel in ("chunk_bwd_dx", "chunk_bwd_dcs"):
+        cfg.update(BP=BP, BK=BK)
+    else:
+        cfg.update(BN=BK, BK=min(BP, 64))
+    return dict(cfg, num_warps=warps, num_stages=stages)
 
 
 # ------------------------------------------------------------------ launchers and autograd

@@ -353,6 +353,10 @@ def stage_train(check: Check, budget: float) -> dict:
         if t_built is not None and t_step1 is not None:
             first_ms = (row.get("step_ms") or [0])[0]
             row["warmup_s_from_log"] = round(max(t_step1 - t_built - first_ms / 1000, 0.0), 1)
+        trainer_warmup = [k for k in row if "warmup" in k and k != "warmup_s_from_log"]
+        row["warmup_s"] = row[trainer_warmup[0]] if trainer_warmup else row.get("warmup_s_from_log")
+        if summaries and s.get("status", "completed") != "completed":
+            row.update(status="failed", error=f"trainer status {s.get('status')}: {s.get('error')}")
         if row["status"] != "passed" or not summaries:
             row["tail"] = output_tail(r)
             if row["status"] == "passed":
@@ -437,10 +441,11 @@ def summary_markdown(check: Check) -> str:
         for r in train["runs"]:
             out.append(f"| {r['variant']} | {r['status']} | {fmt(r.get('median_step_ms'), '.1f')} | "
                        f"{fmt(r.get('ratio_to_baseline'), '.3f')} | {fmt(r.get('steps'))} | "
-                       f"{fmt(r.get('peak_memory_allocated_mib'))} | {fmt(r.get('warmup_s_from_log'))} | "
+                       f"{fmt(r.get('peak_memory_allocated_mib'))} | {fmt(r.get('warmup_s'))} | "
                        f"{fmt(r.get('final_val_loss'), '.4f')} |")
-        out += ["", "Warm-up s: from the model's parameter line to the first timed step's line, less that step "
-                "(torch.compile plus the untimed warm-up steps), read from output timestamps."]
+        out += ["", "Warm-up s: torch.compile plus the untimed warm-up steps: the trainer's own figure when its "
+                "summary has one, else read from output timestamps (the model's parameter line to the first "
+                "step's line, less that step: an upper bound, since on CUDA a step's line prints a step late)."]
         out += [f"- {n}" for n in train.get("notes", [])]
     suite = res.get("suite", {})
     if suite.get("counts"):

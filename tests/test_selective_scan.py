@@ -229,6 +229,68 @@ def test_triton_nan_in_one_document_stays_there():
         torch.testing.assert_close(grad_p[k][..., 13:], grad_a[k], rtol=1e-5, atol=1e-6)
 
 
+# (batch, dim, L, dstate): Mamba-1 at GPT-2-small width, and the MoT char model's single long sequence
+REAL_SHAPES = [(8, 1536, 2048, 16), (1, 256, 786432, 16)]
+
+
+def mamba_like_inputs(batch, dim, L, N, dtype, seed):
+    """Mamba-1's initialisation ranges (dt in [1e-3, 0.1] through softplus(delta + bias), A = -(1..N)),
+    input-dependent B/C, and packed documents."""
+    g = torch.Generator(device=TRITON_DEVICE).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=TRITON_DEVICE)  # noqa: E731
+    dt = torch.exp(torch.rand(dim, generator=g, device=TRITON_DEVICE) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    inp = dict(u=r(batch, dim, L).to(dtype), delta=(r(batch, dim, L) * 0.5).to(dtype),
+               A=-torch.arange(1, N + 1, device=TRITON_DEVICE, dtype=torch.float32).repeat(dim, 1),
+               B=r(batch, N, L).to(dtype), C=r(batch, N, L).to(dtype), D=r(dim), z=r(batch, dim, L).to(dtype),
+               delta_bias=dt + torch.log(-torch.expm1(-dt)))
+    starts = torch.sort(torch.randint(1, L, (batch, 3), generator=g, device=TRITON_DEVICE), dim=1).values
+    seq = (torch.arange(L, device=TRITON_DEVICE)[None, :, None] >= starts[:, None, :]).sum(-1).to(torch.int32)
+    return inp, seq
+
+
+def run_scan(inp, seq, backend, dout):
+    xs = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    out, last = selective_scan_fn(**xs, delta_softplus=True, return_last_state=True, seq_idx=seq, backend=backend)
+    out.backward(dout)
+    return dict(out=out.detach(), last=last.detach(), **{"d" + k: v.grad for k, v in xs.items()})
+
+
+def max_rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=["8x1536x2048x16", "mot-char-1x256x786432x16"])
+def test_cuda_real_shapes(shape, dtype):
+    """20 fresh inputs. Every repetition runs the Triton scan twice: everything but the atomically summed
+    dB/dC must be bitwise identical (a race shows up as a difference). Against the torch path: every repetition
+    at 8 x 1536, the first at the MoT shape (the torch path is slow there). Tolerances: both paths compute in
+    fp32 from the same inputs and round to the same dtype; sums over up to 8 x 786k terms in different orders
+    (fp32: ~sqrt(n) x 6e-8 < 1e-4 norm-relative) or a final rounding (bf16: 2^-9); a wrong chunk would give
+    an O(1) error in the elementwise max."""
+    batch, dim, L, N = shape
+    norm_tol, max_tol = (1e-4, 1e-3) if dtype == torch.float32 else (1e-2, 5e-2)
+    for rep in range(20):
+        inp, seq = mamba_like_inputs(batch, dim, L, N, dtype, seed=rep)
+        dout = torch.randn(batch, dim, L, device="cuda", generator=torch.Generator("cuda").manual_seed(99 + rep))
+        first = run_scan(inp, seq, "triton", dout.to(dtype))
+        second = run_scan(inp, seq, "triton", dout.to(dtype))
+        for k, v in first.items():
+            assert torch.isfinite(v).all(), f"rep {rep}: non-finite {k}"
+            if k in ("dB", "dC"):
+                assert rel(second[k], v) < 1e-5, f"rep {rep}: {k} differs between runs"
+            else:
+                assert torch.equal(second[k], v), f"rep {rep}: {k} differs between two identical runs"
+        if rep == 0 or L <= 4096:
+            ref = run_scan(inp, seq, "torch", dout.to(dtype))
+            for k, v in first.items():
+                assert rel(v, ref[k]) < norm_tol, f"rep {rep}: {k} norm-relative {rel(v, ref[k]):.2e}"
+                assert max_rel(v, ref[k]) < max_tol, f"rep {rep}: {k} max-relative {max_rel(v, ref[k]):.2e}"
+            del ref
+        del first, second
+
+
 def test_gradcheck_float64_torch_and_ref():
     inp, seq = make_inputs(1, 2, 6, 2, "var4", 1, dtype=torch.float64, seed=1, docs=[3])
     keys = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]

@@ -91,7 +91,7 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
         carried = (seq_end == seq_in)[:, :, None, None, None, None]  # (b, nc, 1, 1, 1, 1)
         for decay_c, state_c, keep_c in zip(chunk_decay.unbind(1), states.unbind(1), carried.unbind(1)):
             incoming.append(h)
-            h = torch.where(keep_c, decay_c * h, 0.0) + state_c
+            h = torch.addcmul(state_c, decay_c, torch.where(keep_c, h, 0.0))  # select first: backward stays finite
     h_in = torch.stack(incoming, 1)  # (b, nc, G, R, P, N)
     # 4. the incoming state, decayed to each step and read through C
     y_in = (Cc[:, :, :, None] @ h_in.transpose(-1, -2)) * torch.exp(cs)[..., None]

@@ -473,6 +473,8 @@ def smoke() -> int:
     import torch
 
     import kernels
+    from tools import interpreter_compat
+    interpreter_compat.patch()
     torch.manual_seed(0)
     worst = 0.0
     u, dl = torch.randn(1, 4, 9), torch.randn(1, 4, 9)
@@ -493,7 +495,7 @@ def smoke() -> int:
         for a, b in zip(outs["triton"], outs["torch"]):
             worst = max(worst, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
         print(f"{name}: triton (interpreter) vs torch, forward and every gradient: worst relative error {worst:.2e}")
-    return 0 if worst < 1e-4 else 1  # fp32 both ways, different summation orders: ~1e-6 expected
+    return 0 if worst < 1e-4 else 1  # fp32 both ways, different summation orders: 2e-7 to 2e-5 measured
 
 
 def main(argv=None) -> int:

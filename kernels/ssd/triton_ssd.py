@@ -74,6 +74,20 @@ def _seg_add(a, a_start, b, b_start):
     return tl.where(b_start, b, a + b), a_start | b_start
 
 
+# Triton 3.9's interpreter gets tl.dot wrong on bf16 operands (numpy has no bf16): there, operands are
+# rounded to the dot's type and widened back to fp32, which is what the tensor cores compute (exact products,
+# fp32 sums). Compiled kernels never take that branch.
+_WIDEN_DOT_OPERANDS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _as_operand(v, dot_ty: tl.constexpr):
+    v = v.to(dot_ty)
+    if _WIDEN_DOT_OPERANDS:
+        v = v.to(tl.float32)
+    return v
+
+
 @triton.jit
 def _own_off(b, t64, h, p, L, H, P):
     """Offsets into a buffer this module allocates contiguous with shape (batch, L, H, P) (out, y before
@@ -159,12 +173,12 @@ def _ssd_state_fwd(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, h0_ptr, hin_ptr, fina
             s64 = s.to(tl.int64)
             x = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
                         mask=sm[:, None] & (p[None, :] < P), other=0.0)
-            Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
-                         mask=sm[:, None] & (n[None, :] < N), other=0.0).to(dot_ty)
+            Bs = _as_operand(tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
+                                     mask=sm[:, None] & (n[None, :] < N), other=0.0), dot_ty)
             keep = sm & (_seq_at(seq_ptr, b, s, L, HAS_SEQ) == seq_end)
             cs = tl.load(cs_ptr + row * Lp + s)
             w = tl.exp(tl.where(keep, cs_end - cs, 0.0)) * tl.load(dtp_ptr + row * Lp + s)
-            xw = tl.where(keep[:, None], x.to(tl.float32) * w[:, None], 0.0).to(dot_ty)
+            xw = _as_operand(tl.where(keep[:, None], x.to(tl.float32) * w[:, None], 0.0), dot_ty)
             chunk_state = tl.dot(tl.trans(xw), Bs, chunk_state, input_precision=PREC)
         carried = tl.exp(cs_end) * state + chunk_state
         if HAS_SEQ:
@@ -184,7 +198,7 @@ def _rowdot(a_ptr, a_rows, a_mask, a_sk, b_ptr, b_rows, b_mask, b_sk, K, dot_ty:
         km = k < K
         a = tl.load(a_ptr + a_rows[:, None] + k[None, :] * a_sk, mask=a_mask[:, None] & km[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[:, None] + k[None, :] * b_sk, mask=b_mask[:, None] & km[None, :], other=0.0)
-        acc = tl.dot(a.to(dot_ty), tl.trans(b.to(dot_ty)), acc, input_precision=PREC)
+        acc = tl.dot(_as_operand(a, dot_ty), tl.trans(_as_operand(b, dot_ty)), acc, input_precision=PREC)
     return acc
 
 
@@ -239,8 +253,8 @@ def _ssd_chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
         xs = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
                      mask=sm[:, None] & pm[None, :], other=0.0)
         decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
-        M = (CB * decay * tl.load(dtp_ptr + row * Lp + s)[None, :]).to(dot_ty)
-        acc = tl.dot(M, xs.to(dot_ty), acc, input_precision=PREC)
+        M = _as_operand(CB * decay * tl.load(dtp_ptr + row * Lp + s)[None, :], dot_ty)
+        acc = tl.dot(M, _as_operand(xs, dot_ty), acc, input_precision=PREC)
     tp_mask = tm[:, None] & pm[None, :]
     if HAS_D:
         xt = tl.load(x_ptr + b * sx_b + t64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=tp_mask, other=0.0)
@@ -309,11 +323,11 @@ def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, dh0_ptr, 
             t64 = t.to(tl.int64)
             dy = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
                          mask=tm[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
-                         mask=tm[:, None] & (n[None, :] < N), other=0.0).to(dot_ty)
+            Ct = _as_operand(tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
+                                     mask=tm[:, None] & (n[None, :] < N), other=0.0), dot_ty)
             into = tm & (_seq_at(seq_ptr, b, t, L, HAS_SEQ) == seq_in)
             w_in = tl.exp(tl.where(into, tl.load(cs_ptr + row * Lp + t), 0.0))
-            dyw = tl.where(into[:, None], dy * w_in[:, None], 0.0).to(dot_ty)
+            dyw = _as_operand(tl.where(into[:, None], dy * w_in[:, None], 0.0), dot_ty)
             dhin = tl.dot(tl.trans(dyw), Ct, dhin, input_precision=PREC)
         carried = tl.exp(cs_end) * grad + dhin
         if HAS_SEQ:
@@ -363,13 +377,13 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
         t = t0 + tl.arange(0, BS)
         tm = t < L
         t64 = t.to(tl.int64)
-        dy_t = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
-                       mask=tm[:, None] & pm[None, :], other=0.0).to(dot_ty)
+        dy_t = _as_operand(tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
+                                   mask=tm[:, None] & pm[None, :], other=0.0), dot_ty)
         CBt = _rowdot(B_ptr, b_rows, sm, sb_n, C_ptr, b * sc_b + t64 * sc_l + g * sc_g, tm, sc_n, N,
                       dot_ty, BS, BS, BK, PREC)  # (s, t): B_s.C_t
         decay = _causal_decay_keys(s, t, cs_s, tl.load(cs_ptr + row * Lp + t), seq_s,
                                    _seq_at(seq_ptr, b, t, L, HAS_SEQ), L)
-        dV = tl.dot((CBt * decay).to(dot_ty), dy_t, dV, input_precision=PREC)
+        dV = tl.dot(_as_operand(CBt * decay, dot_ty), dy_t, dV, input_precision=PREC)
     dx = dV * dt_s[:, None]
     if HAS_D:
         dy_s = tl.load(dy_ptr + b * sy_b + s64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p, mask=sp_mask,
@@ -421,14 +435,14 @@ def _ssd_chunk_bwd_db(x_ptr, dy_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, dB
             t = t0 + tl.arange(0, BS)
             tm = t < L
             t64 = t.to(tl.int64)
-            Ct = tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
-                         mask=tm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+            Ct = _as_operand(tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
+                                     mask=tm[:, None] & nm[None, :], other=0.0), dot_ty)
             decay = _causal_decay_keys(s, t, cs_s, tl.load(cs_ptr + row * Lp + t), seq_s,
                                        _seq_at(seq_ptr, b, t, L, HAS_SEQ), L)
             xdy = _rowdot(x_ptr, x_rows, sm, sx_p, dy_ptr, b * sy_b + t64 * sy_l + h * sy_h, tm, sy_p, P,
                           dot_ty, BS, BS, BK, PREC)
             dCBt = xdy * dt_s[:, None] * decay
-            dB = tl.dot(dCBt.to(dot_ty), Ct, dB, input_precision=PREC)
+            dB = tl.dot(_as_operand(dCBt, dot_ty), Ct, dB, input_precision=PREC)
     tl.store(dB_ptr + _own_off(b, s64, g, n, L, G, N), dB.to(dB_ptr.dtype.element_ty), mask=sm[:, None] & nm[None, :])
 
 
@@ -467,13 +481,13 @@ def _ssd_chunk_bwd_dc(x_ptr, dy_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, d
             s = s0 + tl.arange(0, BT)
             sm = s < L
             s64 = s.to(tl.int64)
-            Bs = tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
-                         mask=sm[:, None] & nm[None, :], other=0.0).to(dot_ty)
+            Bs = _as_operand(tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
+                                     mask=sm[:, None] & nm[None, :], other=0.0), dot_ty)
             decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
             dyx = _rowdot(dy_ptr, dy_rows, tm, sy_p, x_ptr, b * sx_b + s64 * sx_l + h * sx_h, sm, sx_p, P,
                           dot_ty, BT, BT, BK, PREC)
             dCB = dyx * tl.load(dtp_ptr + row * Lp + s)[None, :] * decay
-            dC = tl.dot(dCB.to(dot_ty), Bs, dC, input_precision=PREC)
+            dC = tl.dot(_as_operand(dCB, dot_ty), Bs, dC, input_precision=PREC)
     tl.store(dC_ptr + _own_off(b, t64, g, n, L, G, N), dC.to(dC_ptr.dtype.element_ty), mask=tm[:, None] & nm[None, :])
 
 
@@ -509,14 +523,14 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
                 dot_ty, BT, BP, BK, PREC)
     dyw = tl.where(into[:, None], dy_t * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
     dcs = tl.sum(tl.where(into[:, None], dyw * Z, 0.0), axis=1)
-    dy_d = dy_t.to(dot_ty)
+    dy_d = _as_operand(dy_t, dot_ty)
     for s0 in range(c * Q, t0 + BT, BT):
         s = s0 + tl.arange(0, BT)
         sm = s < L
         s64 = s.to(tl.int64)
         x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
                       mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)
-        V = (x_s * tl.load(dtp_ptr + row * Lp + s)[:, None]).to(dot_ty)
+        V = _as_operand(x_s * tl.load(dtp_ptr + row * Lp + s)[:, None], dot_ty)
         CB = _rowdot(C_ptr, c_rows, tm, sc_n, B_ptr, b * sb_b + s64 * sb_l + g * sb_g, sm, sb_n, N,
                      dot_ty, BT, BT, BK, PREC)
         decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)

@@ -166,7 +166,7 @@ def _fwd_chunk_kernel(
     n = tl.arange(0, BLOCK_N)
     nm = n < DSTATE
     d0 = pid_d * CH
-    group = d0 // DG
+    group = (d0 // DG).to(tl.int64)
     Bt = tl.zeros((BLOCK_N, T), dtype=tl.float32)
     Ct = tl.zeros((BLOCK_N, T), dtype=tl.float32)
     if VAR_B:
@@ -298,7 +298,7 @@ def _bwd_chunk_kernel(
     n = tl.arange(0, BLOCK_N)
     nm = n < DSTATE
     d0 = pid_d * CH
-    group = d0 // DG
+    group = (d0 // DG).to(tl.int64)
     Bt = tl.zeros((BLOCK_N, T), dtype=tl.float32)
     Bt_r = tl.zeros((BLOCK_N, T), dtype=tl.float32)
     Ct_r = tl.zeros((BLOCK_N, T), dtype=tl.float32)
@@ -402,7 +402,7 @@ def _bwd_chunk_kernel(
     if FINISH:
         # input-dependent B/C: (batch, GROUPS, dstate, L) fp32, summed over channel blocks by relaxed atomics
         gbase = (b * GROUPS + group) * DSTATE * L
-        offs = gbase + n[:, None] * L + tr[None, :]
+        offs = gbase + n[:, None].to(tl.int64) * L + tr[None, :]
         m2 = nm[:, None] & trm[None, :]
         if VAR_B:
             tl.atomic_add(dB_ptr + offs, dB_acc, mask=m2, sem="relaxed")

@@ -50,6 +50,8 @@ def ssd_traffic(batch, seqlen, nheads, headdim, dstate, ngroups, chunk_size, dty
     FIN = batch * nheads * headdim * dstate * 4
     zx = X if has_z else 0
     if impl == "ours":
+        from .triton_ssd import block_config
+        J = chunk_size // block_config("chunk_bwd_dcs", headdim, dstate, {2: torch.bfloat16, 4: torch.float32}[e])["BT"]
         forward = [
             ("dt_cumsum_fwd", DT, 2 * V32),
             ("state_fwd (chunk states + passing)", X + BC + 2 * V32, ST * e + FIN),
@@ -61,8 +63,9 @@ def ssd_traffic(batch, seqlen, nheads, headdim, dstate, ngroups, chunk_size, dty
             ("chunk_bwd_dx", 2 * X + 2 * BC + 2 * V32 + ST * e, X + 2 * V32),
             ("chunk_bwd_db (group sum in program)", 2 * X + BC + 2 * V32 + ST * e, BC),
             ("chunk_bwd_dc (group sum in program)", 2 * X + BC + 2 * V32 + ST * e, BC),
-            ("chunk_bwd_dcs", 2 * X + 2 * BC + 3 * V32 + ST * e, V32),
-            ("dt_bwd (reverse cumsum, dt, dA, dt_bias)", DT + 3 * V32, DT),
+            ("zero-fill dcs column partials", 0, J * V32),
+            ("chunk_bwd_dcs", 2 * X + 2 * BC + 3 * V32 + ST * e, (1 + J) * V32),
+            ("dt_bwd (reverse cumsum, dt, dA, dt_bias)", DT + (3 + J) * V32, DT),
         ]
         return {"forward": forward, "backward": backward}
     ratio = nheads // ngroups

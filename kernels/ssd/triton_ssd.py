@@ -2,33 +2,45 @@
 
 Per head, with cs the in-chunk, in-document cumsum of dt * A (chunks of Q = chunk_size steps):
     y_t = sum_{s<=t, same chunk and document} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + exp(cs_t) C_t.h_in[chunk]
-Kernels (grids in brackets; T = cdiv(L, BT) row blocks of a chunk):
+Kernels (grid in brackets; T = cdiv(L, rows) row blocks, rows from block_config):
 
-  forward  1. _ssd_dt_cumsum_fwd  dt <- clamp(softplus(dt + dt_bias)) in fp32, cs            [b*H, chunks]
-           2. _ssd_state_fwd      chunk states fused with state passing: one program walks the chunks of one
-                                  (head, P block, N block), writes the state entering every chunk (x's
-                                  dtype) and the fp32 final state                             [b*H, P/BP, N/BN]
-           3. _ssd_chunk_scan_fwd C.B^T inside the chunk + C.h_in, then D skip, z gate, cast: y written once
-                                  in its final dtype (and y before the gate, for dz, when z is given) [T, P/BP, b*H]
-  backward 4. _ssd_state_bwd      reverse state passing fused with dh_in = (dy exp(cs))^T C: the gradient
-                                  of every chunk's end state, d(initial state)                [b*H, P/BP, N/BN]
-           5. _ssd_chunk_bwd_dxdb key side (rows s): dx, dt.dx partials, dB summed over the group's heads
-                                  in the program (no atomics, deterministic)                  [T, b*G]
-           6. _ssd_chunk_bwd_dc   query side (rows t): dC summed over the group's heads, dz, D partials [T, b*G]
-           7. _ssd_dt_bwd         d(cumsum) -> d(dt*A) by a reverse in-document cumsum over the whole row,
-                                  then ddt through clamp/softplus/bias, dA and d(dt_bias) per (b, head) [b*H]
+  forward  _ssd_dt_cumsum_fwd   dt <- clamp(softplus(dt + dt_bias)) in fp32, cs                [b*H, chunks]
+           _ssd_state_fwd       chunk states fused with state passing: one program walks the chunks of one
+                                (head, 64 x 64 block of the state), writes the state entering every chunk
+                                in x's dtype and the fp32 final state                         [b*H, P/64, N/64]
+           _ssd_chunk_scan_fwd  C.B^T inside the chunk + C.h_in, then D skip, z gate and the cast: y is
+                                written once in its final dtype (plus y before the gate, with z, for dz)
+                                                                                               [T, P/64, b*H]
+  backward _ssd_gate_bwd        (with z) dy = dout * silu(z), dz                               [T, b*H]
+           _ssd_state_bwd       reverse state passing fused with dh_in = (dy exp(cs))^T C: the gradient of
+                                every chunk's end state (x's dtype) and of the initial state  [b*H, P/64, N/64]
+           _ssd_chunk_bwd_dx    rows s: dx, the dt.x part of ddt, D partials, the end-state term of dcs
+                                                                                               [T, b*H]
+           _ssd_chunk_bwd_db    rows s x 64 columns of dB, summed over the group's heads in the program
+           _ssd_chunk_bwd_dc    rows t x 64 columns of dC, the same                            [T, N/64, b*G]
+           _ssd_chunk_bwd_dcs   rows t: the C.B^T and h_in terms of dcs                        [T, b*H]
+           _ssd_dt_bwd          d(dt*A) by a reverse in-document cumsum of dcs over the whole row, then ddt
+                                through clamp / softplus / bias, dA and d(dt_bias) partials   [b*H]
+No step holds more than 64 columns of d_state at a time (sums over it go 64 wide), so shared memory and
+registers do not grow with d_state; every reduction is deterministic (no atomics).
 
 The gradient of the decays needs no state re-read: treating cs as one cumsum per document,
     dL/dcs_t = C_t.dC_t - B_t.dB_t (per head) + [t = L-1] <dfinal, final>,
 (the query side scales C_t by exp(cs_t), the key side B_s by exp(-cs_s)), and d(dt*A)_t is its reverse
-cumsum within the document. Kernels 5 and 6 write the two halves, computed from the products they already
-hold (dCB * CB, dV * V, dy * C h_in).
+cumsum within the document, built from products the kernels hold anyway (dCB * CB, dV * V, dy * C h_in).
 
 Documents (seq_idx): a state reset is a select (tl.where), never a multiply by 0, and every cross-document
 term is selected away before it meets a dot, so a NaN or inf in one document's state or tokens outside
 the current chunk cannot reach another document. cs restarts at each document start (a segmented scan),
 so a decay never subtracts two sums that hold another document's dt.
 Offsets are int64 (program ids and positions cast before multiplying by strides); no input is copied.
+
+Precision: dots take x's dtype (bf16 / fp16 operands, fp32 sums; fp32 inputs use TF32, or IEEE with
+KERNELS_DOT_PRECISION=ieee); cumsums, decays, dt and every accumulator are fp32. The chunk states (h_in, dS)
+are stored in x's dtype: they only ever enter dots, which round them to it anyway, so storing them in fp32
+changes nothing (measured under the interpreter with bf16 inputs: the same errors vs float64 to 2 digits,
+out 5.9e-3, worst gradient dA 2.8e-2, against 1.7e-3 / 2.4e-3 for the torch path computing in fp32).
+The final states are fp32.
 """
 from __future__ import annotations
 
@@ -483,7 +495,8 @@ def _ssd_chunk_bwd_dc(x_ptr, dy_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, d
             s64 = s.to(tl.int64)
             Bs = _as_operand(tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
                                      mask=sm[:, None] & nm[None, :], other=0.0), dot_ty)
-            decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
+            decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t,
+                                  _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
             dyx = _rowdot(dy_ptr, dy_rows, tm, sy_p, x_ptr, b * sx_b + s64 * sx_l + h * sx_h, sm, sx_p, P,
                           dot_ty, BT, BT, BK, PREC)
             dCB = dyx * tl.load(dtp_ptr + row * Lp + s)[None, :] * decay
@@ -492,14 +505,15 @@ def _ssd_chunk_bwd_dc(x_ptr, dy_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, d
 
 
 @triton.jit
-def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, dcs_ptr,
+def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, dcs_ptr, dcsk_ptr,
                        L, H, G, P, N, Lp, NC, Q,
                        sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
                        BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                        PREC: tl.constexpr):
     """Rows t of one chunk and head: the C.B^T and h_in terms of dcs. Each (t, s) tile of dCB * CB adds its
-    row sums to dcs_t (C_t.dC_t) and subtracts its column sums from dcs_s (-B_s.dB_s): relaxed fp32 atomics
-    onto what _ssd_chunk_bwd_dx stored (another program may own rows s)."""
+    row sums to dcs_t (C_t.dC_t, onto what _ssd_chunk_bwd_dx stored for these rows) and its negated column
+    sums (-B_s.dB_s) go to this row block's own slice of dcsk (J = Q / BT slices per head, zero-filled), which
+    _ssd_dt_bwd adds up: no atomics, the same bits on every run."""
     t0 = tl.program_id(0) * BT
     row = tl.program_id(1).to(tl.int64)
     b = row // H
@@ -537,13 +551,14 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
         dCB = tl.dot(dy_d, tl.trans(V), input_precision=PREC) * decay
         prod = dCB * CB
         dcs += tl.sum(prod, axis=1)
-        tl.atomic_add(dcs_ptr + row * Lp + s, -tl.sum(prod, axis=0), mask=sm, sem="relaxed")
-    tl.atomic_add(dcs_ptr + row * Lp + t, dcs, mask=tm, sem="relaxed")
+        tl.store(dcsk_ptr + (row * (Q // BT) + (t0 % Q) // BT) * Lp + s, -tl.sum(prod, axis=0), mask=sm)
+    here = dcs_ptr + row * Lp + t
+    tl.store(here, tl.load(here, mask=tm, other=0.0) + dcs, mask=tm)
 
 
 @triton.jit
-def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, dcs_ptr, ddtx_ptr, dfin_ptr, ddt_ptr, dA_ptr, dbias_ptr,
-                L, H, Lp, NC, sdt_b, sdt_l, sdt_h, dt_lo, dt_hi,
+def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, dcs_ptr, dcsk_ptr, ddtx_ptr, dfin_ptr, ddt_ptr, dA_ptr,
+                dbias_ptr, L, H, Lp, NC, J, sdt_b, sdt_l, sdt_h, dt_lo, dt_hi,
                 Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                 HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr):
     """d(dt*A)_t = sum of dcs over t' >= t in t's document (walking chunks backwards, each read reversed)."""
@@ -563,6 +578,8 @@ def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, dcs_ptr, ddtx_ptr, df
         t = c * Q + Q - 1 - i  # reversed: a forward scan over i is a reverse scan over t
         tm = t < L
         v = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0)
+        for j in range(0, J):
+            v += tl.load(dcsk_ptr + (row * J + j) * Lp + t, mask=tm, other=0.0)
         if HAS_DFINAL:  # the final state is exp(cs_{L-1}) times what it collects
             v += tl.where(t == L - 1, tl.load(dfin_ptr + row), 0.0)
         if HAS_SEQ:
@@ -729,8 +746,10 @@ class _SSD(torch.autograd.Function):
             HAS_SEQ=has_seq, PREC=precision, **cfg)
         # 8. query half of dcs
         cfg = block_config("chunk_bwd_dcs", P, N, x.dtype)
+        J = Q // cfg["BT"]
+        dcsk = torch.zeros(batch * H, J, Lp, **f32)
         _ssd_chunk_bwd_dcs[(triton.cdiv(L, cfg["BT"]), batch * H)](
-            x, dy, B, C, dtp, cs, seq_arg, hin, dcs, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
+            x, dy, B, C, dtp, cs, seq_arg, hin, dcs, dcsk, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
             *_s4(C), HAS_SEQ=has_seq, PREC=precision, **cfg)
         # 9. decays, dt, A, dt_bias
         ddt = torch.empty(batch, L, H, device=dev, dtype=dt.dtype)
@@ -738,8 +757,8 @@ class _SSD(torch.autograd.Function):
         dbias_part = torch.empty(batch * H, **f32)
         dfin_dot = (dfinal * final).sum((-1, -2)).reshape(-1) if dfinal is not None else dA_part
         _ssd_dt_bwd[(batch * H,)](
-            dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, dcs, ddtx, dfin_dot, ddt, dA_part,
-            dbias_part, L, H, Lp, NC, *dt.stride(), lo, hi if has_limit else 0.0,
+            dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, dcs, dcsk, ddtx, dfin_dot, ddt, dA_part,
+            dbias_part, L, H, Lp, NC, J, *dt.stride(), lo, hi if has_limit else 0.0,
             Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, HAS_LIMIT=has_limit,
             HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None, num_warps=4, num_stages=1)
         dA = dA_part.view(batch, H).sum(0).to(A.dtype)
@@ -769,7 +788,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
 # ------------------------------------------------------------------ what the launcher can compile
 
 _FP32_PTRS = {"A_ptr", "bias_ptr", "D_ptr", "dtp_ptr", "cs_ptr", "final_ptr", "dfinal_ptr", "dh0_ptr", "h0_ptr",
-              "ddtx_ptr", "dcs_ptr", "dD_ptr", "dfin_ptr", "dA_ptr", "dbias_ptr"}
+              "ddtx_ptr", "dcs_ptr", "dcsk_ptr", "dD_ptr", "dfin_ptr", "dA_ptr", "dbias_ptr"}
 _KERNEL_FLAGS = {  # kernel name -> (fn, block-config name or None, feature flags)
     "dt_cumsum_fwd": (_ssd_dt_cumsum_fwd, None, ("HAS_BIAS", "SOFTPLUS", "HAS_LIMIT", "HAS_SEQ")),
     "state_fwd": (_ssd_state_fwd, "state_fwd", ("HAS_SEQ", "HAS_H0")),

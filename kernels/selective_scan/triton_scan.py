@@ -565,12 +565,18 @@ _ALL_OFF = dict(VAR_B=False, VAR_C=False, HAS_D=False, HAS_Z=False, HAS_BIAS=Fal
 
 
 def _signature(fn, dtype, constexprs, unit_strides):
+    """Triton types as the launchers pass them: absent optional tensors are replaced by fp32 placeholders."""
+    placeholders = set()
+    if not constexprs.get("HAS_Z", True):
+        placeholders |= {"z_ptr", "dz_ptr"}
+    if not constexprs.get("HAS_SEQ", True):
+        placeholders |= {"seq_ptr", "flags_ptr", "sflags_ptr"}
     sig = {}
     for name in fn.arg_names:
         if name in constexprs or name in unit_strides:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = ("*" + dtype if name in _DATA_PTRS else
+            sig[name] = ("*fp32" if name in placeholders else "*" + dtype if name in _DATA_PTRS else
                          "*i32" if name in ("seq_ptr", "flags_ptr", "sflags_ptr") else "*fp32")
         else:
             sig[name] = "i32"
@@ -612,7 +618,8 @@ def compile_specs():
         block_c = max(1, CARRY_TILE // block_n)  # the launcher's choice for dim >= CARRY_TILE / BLOCK_N
         for mode in (0, 1, 2):
             for reverse in (False, True):
-                const = dict(BLOCK_C=block_c, BLOCK_N=block_n, MODE=mode, REVERSE=reverse, HAS_SEQ=True)
-                specs.append(_spec(f"scan_carry mode{mode}{' rev' if reverse else ''} N{block_n}", _carry_kernel,
-                                   "fp32", const, 4, {"s_an"}))
+                for has_seq in (True, False):
+                    const = dict(BLOCK_C=block_c, BLOCK_N=block_n, MODE=mode, REVERSE=reverse, HAS_SEQ=has_seq)
+                    label = f"scan_carry mode{mode}{' rev' if reverse else ''}{' seq' if has_seq else ''} N{block_n}"
+                    specs.append(_spec(label, _carry_kernel, "fp32", const, 4, {"s_an"}))
     return specs

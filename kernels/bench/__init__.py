@@ -36,7 +36,7 @@ PRESETS = {
     "cpu": dict(shapes=[(2, 256, 2048, 16), (4, 128, 256, 16)], ssd_shapes=[(1, 2048, 8, 32, 32, 1, 64)],
                 dtype="fp32", backends="torch,ref", repeat=3, docs=(0, 4)),
     # seconds on a CPU: the GPU check's dry run and the bench test
-    "tiny": dict(shapes=[(1, 16, 40, 4)], ssd_shapes=[(1, 40, 2, 8, 8, 1, 16)], dtype="fp32", backends="torch,ref",
+    "tiny": dict(shapes=[(1, 16, 40, 4)], ssd_shapes=[(1, 40, 2, 8, 8, 1, 16)], dtype="fp32", backends="triton,torch,ref",
                  repeat=1, docs=(0, 2)),
 }
 

@@ -82,6 +82,8 @@ class Hyperparameters:
     cross_heads: int = 4
     cross_prev_tokens: int = 0          # cross-attention also reads this many previous tokens' chars
     mot_lr: float = 0.008               # Adam lr for MoT matrices (char embedding uses embed_lr)
+    char_mamba_lr: float = 0.001        # Adam lr for the char Mamba's matrices: at mot_lr its B/C projections
+                                        # grew 7x in 6 steps and the loss spiked (devlog)
     # optimizers
     head_lr: float = 0.22 / 768 ** 0.5
     embed_lr: float = 0.6
@@ -171,7 +173,7 @@ BOUNDS = dict(
     vocab_size=(EOT_ID + 1, 2 ** 16), num_layers=(6, None), num_heads=(1, None), head_dim=(4, None),
     model_dim=(1, None), window_max_tokens=(1, None), block_size=(1, None), attn_scale=(0.0, None),
     loss_chunk=(0, None), chars_per_token=(1, 128), char_dim=(1, None), char_window_tokens=(1, None),
-    char_heads=(1, None), cross_heads=(1, None), cross_prev_tokens=(0, None), mot_lr=(0.0, None),
+    char_heads=(1, None), cross_heads=(1, None), cross_prev_tokens=(0, None), mot_lr=(0.0, None), char_mamba_lr=(0.0, None),
     head_lr=(0.0, None), embed_lr=(0.0, None), scalar_lr=(0.0, None), muon_lr=(0.0, None),
     muon_momentum_start=(0.0, 1.0), muon_momentum_end=(0.0, 1.0), muon_momentum_warmup=(0, None),
     seed=(-1, None), runs=(1, None),
@@ -808,10 +810,13 @@ def build_optimizers(model: GPT, a: Hyperparameters, rank: int, world_size: int,
               and not n.startswith("mot.encoder.")]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     head = [model.lm_head.weight]
-    mot_matrices = [p for n, p in model.named_parameters()
-                    if n.startswith("mot.") and p.ndim >= 2 and id(p) not in {id(e) for e in embeds}]
+    char_mamba = [p for n, p in model.named_parameters() if n.startswith("mot.encoder.mixer.") and p.ndim >= 2]
+    taken = {id(p) for p in embeds + char_mamba}
+    mot_matrices = [p for n, p in model.named_parameters() if n.startswith("mot.") and p.ndim >= 2 and id(p) not in taken]
     adam_groups = [dict(params=head, lr=a.head_lr), dict(params=embeds, lr=a.embed_lr),
                    dict(params=scalars, lr=a.scalar_lr)]
+    if char_mamba:
+        adam_groups.append(dict(params=char_mamba, lr=a.char_mamba_lr))
     if mot_matrices:
         adam_groups.append(dict(params=mot_matrices, lr=a.mot_lr))
     adam = torch.optim.Adam(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused)

@@ -1207,6 +1207,10 @@ def train(a: Hyperparameters, s: Settings, rank: int, world_size: int, device: t
         muon = optimizers[1]
         n_params = sum(p.numel() for p in model.parameters())
         print0(f"parameters: {n_params:,}")
+        if s.use_fp8:
+            head = model.lm_head
+            print0(f"fp8 head scales: x_s={head.x_s} w_s={head.w_s} grad_s={head.grad_s} (record 21's, grad_s "
+                   f"x {a.train_seq_len} tokens x grad_accum {grad_accum} / {FP8_REFERENCE_TOKENS})")
         fwd = torch.compile(model, dynamic=False) if s.use_compile else model
         dense = not s.use_flex
 

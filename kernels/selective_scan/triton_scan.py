@@ -414,7 +414,7 @@ def _bwd_chunk_kernel(
 
 def chunk_size(dstate: int) -> int:
     """Time steps per chunk (at most MAX_CHUNK, at least 8). From dstate 16 up the (dstate, T) tile holds
-    TILE_ELEMS elements (the backward runs it with 8 warps); below, at most TILE_ELEMS / 4 (4 warps): ptxas
+    TILE_ELEMS elements (the finish passes run it with 8 warps); below, at most TILE_ELEMS / 4 (4 warps): ptxas
     spills the backward with 1024-element tiles at 4 and at 8 warps (measured for sm_90, dstate 8)."""
     block_n = triton.next_power_of_2(dstate)
     tile = TILE_ELEMS if block_n >= 16 else TILE_ELEMS // 4
@@ -430,8 +430,10 @@ def channels_per_program(dim: int, groups: int) -> int:
     return max(c for c in range(1, min(CHANNELS_PER_PROGRAM, dg) + 1) if dg % c == 0)
 
 
-def _bwd_warps(block_n: int, chunk: int) -> int:
-    """The backward keeps ~15 (dstate, T) tiles live: 8 warps for TILE_ELEMS-element tiles (see chunk_size)."""
+def _finish_warps(block_n: int, chunk: int) -> int:
+    """Warps of the finish passes (the summaries take 4). With TILE_ELEMS-element tiles at 4 warps, ptxas
+    capped the forward finish at 128 registers with a stack frame; at 8 warps it takes <= 101 registers and
+    the backward finish <= 223, without spills (sm_90 cubins from Triton 3.9)."""
     return 8 if block_n * chunk >= TILE_ELEMS else 4
 
 
@@ -508,7 +510,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, softplus):
     for finish in (False, True):
         _fwd_chunk_kernel[p.grid](u, delta, A, B, C, D_, z_, bias_, seq_, X, dts, flags, out, *p.sizes, *p.strides,
                                   *out.stride(), *p.seq_strides, T=p.T, BLOCK_N=p.block_n, FINISH=finish,
-                                  num_warps=4, **p.flags)
+                                  num_warps=_finish_warps(p.block_n, p.T) if finish else 4, **p.flags)
         if not finish:
             p.carry(X, dts, flags, A, reverse=False)
     return out, X
@@ -533,7 +535,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, softp
     dbias = torch.empty(parts, **f32) if delta_bias is not None else dA
     Y, dts, flags = p.boundaries(dev)
     D_, z_, bias_, seq_ = p.opt
-    warps = _bwd_warps(p.block_n, p.T)
+    warps = _finish_warps(p.block_n, p.T)
     for finish in (False, True):
         _bwd_chunk_kernel[p.grid](
             u, delta, A, B, C, D_, z_, bias_, seq_, dout, X, Y, dts, flags, du, ddelta,
@@ -610,9 +612,9 @@ def compile_specs():
                 for finish in (False, True):
                     const = dict(T=T, BLOCK_N=block_n, FINISH=finish, **feats)
                     stage = "finish" if finish else "summary"
+                    warps = _finish_warps(block_n, T) if finish else 4
                     specs.append(_spec(f"scan_fwd_{stage} N{block_n} T{T} {dtype} {feats_name}", _fwd_chunk_kernel,
-                                       dtype, const, 4, unit))
-                    warps = _bwd_warps(block_n, T) if finish else 4
+                                       dtype, const, warps, unit))
                     specs.append(_spec(f"scan_bwd_{stage} N{block_n} T{T} {dtype} {feats_name}", _bwd_chunk_kernel,
                                        dtype, const, warps, unit))
         block_c = max(1, CARRY_TILE // block_n)  # the launcher's choice for dim >= CARRY_TILE / BLOCK_N

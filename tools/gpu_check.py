@@ -291,7 +291,7 @@ def stage_bench(check: Check, budget: float) -> dict:
         args += ["--mamba_ssm_triton", str(mamba_root / "mamba_ssm" / "ops" / "triton")]
     else:
         mamba_root = ""
-    command = "python -m kernels.bench " + " ".join(args)
+    command = "python -m kernels.bench " + " ".join(args).replace(str(check.tmp), "<tmp>")
     r = check.run([sys.executable, "-c", BENCH_WRAPPER, str(mamba_root), *args], budget,
                   shown=command + (f"    (mamba_ssm pre-imported from {mamba_root})" if mamba_root else ""))
     res = dict(status=status_of(r), seconds=r["seconds"], command=command)
@@ -425,13 +425,14 @@ def summary_markdown(check: Check) -> str:
     bench = res.get("bench", {})
     if bench.get("rows"):
         out += ["", "## Kernel bench", "", f"`{bench['command']}`", "",
-                "| op | shape | dtype | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd % copy BW | peak MiB |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "| op | shape | dtype | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd % copy BW | peak MiB | note |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in bench["rows"]:
             share = r.get("fwd_copy_share")
             out.append(f"| {r.get('op', '-')} | {r.get('shape', '-')} | {r.get('dtype', '-')} | {r.get('impl', '-')} | "
                        f"{fmt(r.get('fwd_ms'), '.3f')} | {fmt(r.get('fwdbwd_ms'), '.3f')} | {fmt(r.get('fwd_gbs'), '.1f')} | "
-                       f"{fmt(None if share is None else 100 * share, '.1f')} | {fmt(r.get('peak_mib'), '.0f')} |")
+                       f"{fmt(None if share is None else 100 * share, '.1f')} | {fmt(r.get('peak_mib'), '.0f')} | "
+                       f"{'skipped: ' + r['skipped'] if r.get('skipped') else ''} |")
     train = res.get("train", {})
     if train.get("runs"):
         out += ["", "## Training (speedrun preset, 1 GPU, 8-GPU batch by accumulation)" if not check.args.dry_run

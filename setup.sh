@@ -14,4 +14,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" install -q -r requirements.txt
+# Hugging Face's `kernels` wheel, for tests/test_package.py only (installed into that test's scratch venv, never
+# into .venv: its import name is what our installed package must not collide with)
+ls .cache/wheels/kernels-*.whl >/dev/null 2>&1 || "${PIP[@]}" download -q --no-deps -d .cache/wheels "kernels==0.17.2"
 .venv/bin/python -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available())"

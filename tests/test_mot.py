@@ -8,6 +8,7 @@ Each of the reference's defects (shared/design/mot.md) has a test here:
 5 projection in no optimizer group   -> test_every_mot_parameter_is_optimized
 6 O(T^2) char mask rebuilt per step  -> char masks are per token (test_char_mask_matches_brute_force)
 7 no pad / document masking          -> pad chars never read (cross test), test_mot_document_isolation
+8 bag of bytes (no byte order)       -> test_byte_order_reaches_the_model (issue 13)
 """
 import json
 

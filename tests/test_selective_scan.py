@@ -278,8 +278,8 @@ def test_cuda_real_shapes(shape, dtype):
         second = run_scan(inp, seq, "triton", dout.to(dtype))
         for k, v in first.items():
             assert torch.isfinite(v).all(), f"rep {rep}: non-finite {k}"
-            if k in ("dB", "dC"):
-                assert rel(second[k], v) < 1e-5, f"rep {rep}: {k} differs between runs"
+            if k in ("dB", "dC"):  # atomics: fp32 sums in any order, then rounded to the dtype (a rare ulp flip)
+                assert rel(second[k], v) < (1e-5 if dtype == torch.float32 else 1e-3), f"rep {rep}: {k} differs"
             else:
                 assert torch.equal(second[k], v), f"rep {rep}: {k} differs between two identical runs"
         if rep == 0 or L <= 4096:

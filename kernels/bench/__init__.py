@@ -69,6 +69,8 @@ def build_parser():
     ap.add_argument("--peers", action="store_true", help="CPU peers comparison and scaling table (see peers.py)")
     ap.add_argument("--peer_lengths", type=int, nargs="*", default=None)
     ap.add_argument("--peer_modules", default="mamba,mamba2", help="module peers to run (comma-separated, or none)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="--peers timing: wall time, or this process's CPU time (steadier on a shared machine)")
     return ap
 
 
@@ -79,7 +81,9 @@ def device_name(device):
 
 
 def run_peers(args, header):
+    from . import peers
     from .peers import module_peer_rows, print_scaling, scan_peer_rows, ssd_peer_rows
+    peers.clock = peers.CLOCK[args.clock]
     lengths = args.peer_lengths or [64, 256, 1024, 4096, 16384]
     rounds = args.repeat or 3
     rows = scan_peer_rows(1, 256, 16, lengths, rounds, loop_max_len=4096)
@@ -103,7 +107,8 @@ def main(argv=None):
             print_ssd_traffic(shape, dtype)
         return []
     command = " ".join(["python -m kernels.bench"] + (sys.argv[1:] if argv is None else list(argv)))
-    header = dict(device=device_name(device), torch=torch.__version__, command=command)
+    header = dict(device=device_name(device), torch=torch.__version__, command=command,
+                  clock=args.clock if args.peers else "wall")
     if args.peers:
         rows = run_peers(args, header)
     else:

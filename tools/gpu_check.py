@@ -387,6 +387,11 @@ def fmt(v, spec=""):
     return format(v, spec) if spec and isinstance(v, (int, float)) else str(v)
 
 
+def table_cell(text) -> str:
+    """Text that keeps a markdown table row intact (errors can hold pipes and newlines)."""
+    return re.sub(r"[|\n]+", " ", str(text))
+
+
 def summary_markdown(check: Check) -> str:
     res, env = check.results, check.results.get("env", {})
     out = [f"# GPU check {check.out_dir.name}", ""]
@@ -402,7 +407,7 @@ def summary_markdown(check: Check) -> str:
     for name in check.stages:
         r = res.get(name, {})
         out.append(f"| {name} | {r.get('status', 'not run')} | {fmt(r.get('stage_seconds'), '.0f')} | "
-                   f"{fmt(r.get('budget_s'), '.0f')} | {r.get('note', '')} |")
+                   f"{fmt(r.get('budget_s'), '.0f')} | {table_cell(r.get('note', ''))} |")
     comp = res.get("compile", {})
     if comp.get("configurations") is not None:
         out += ["", f"## Compile check (sm_{env.get('capability', '9.0').replace('.', '')})", "",
@@ -432,7 +437,7 @@ def summary_markdown(check: Check) -> str:
             out.append(f"| {r.get('op', '-')} | {r.get('shape', '-')} | {r.get('dtype', '-')} | {r.get('impl', '-')} | "
                        f"{fmt(r.get('fwd_ms'), '.3f')} | {fmt(r.get('fwdbwd_ms'), '.3f')} | {fmt(r.get('fwd_gbs'), '.1f')} | "
                        f"{fmt(None if share is None else 100 * share, '.1f')} | {fmt(r.get('peak_mib'), '.0f')} | "
-                       f"{'skipped: ' + r['skipped'] if r.get('skipped') else ''} |")
+                       f"{table_cell('skipped: ' + r['skipped']) if r.get('skipped') else ''} |")
     train = res.get("train", {})
     if train.get("runs"):
         out += ["", "## Training (speedrun preset, 1 GPU, 8-GPU batch by accumulation)" if not check.args.dry_run

@@ -238,7 +238,8 @@ def mamba_like_inputs(batch, dim, L, N, dtype, seed):
     input-dependent B/C, and packed documents."""
     g = torch.Generator(device=TRITON_DEVICE).manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device=TRITON_DEVICE)  # noqa: E731
-    dt = torch.exp(torch.rand(dim, generator=g, device=TRITON_DEVICE) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    log_dt = torch.rand(dim, generator=g, device=TRITON_DEVICE) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
+    dt = torch.exp(log_dt)
     inp = dict(u=r(batch, dim, L).to(dtype), delta=(r(batch, dim, L) * 0.5).to(dtype),
                A=-torch.arange(1, N + 1, device=TRITON_DEVICE, dtype=torch.float32).repeat(dim, 1),
                B=r(batch, N, L).to(dtype), C=r(batch, N, L).to(dtype), D=r(dim), z=r(batch, dim, L).to(dtype),

@@ -1,12 +1,17 @@
 """tools/gpu_check.py: the dry run exercises every stage on the CPU and writes the record; budgets cut
 stages; tools/gpu_results.py renders the latest record (or says there is none)."""
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tools import gpu_check, gpu_results
+import numpy as np
+import pytest
+
+from data.shards import read_shard, write_shard
+from tools import gpu_check, gpu_results, prepare_gpu
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -60,3 +65,22 @@ def test_results_render_the_latest_record_or_say_there_is_none(tmp_path):
     text = gpu_results.render(tmp_path, heading_level=3)
     assert "### GPU check H200" in text and "#### Training" in text and "20261202-100000_nvidia-h200" in text
     assert "H100" not in text and "dry" not in text.split("\n", 1)[1]
+
+
+def test_prepare_copies_the_corpus_and_keeps_a_valid_prefix_when_short_of_room(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 50257, 5000, dtype=np.uint16), rng.integers(0, 50257, 300, dtype=np.uint16)
+    write_shard(src / "c_train_000000.bin", train)
+    write_shard(src / "c_val_000000.bin", val)
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.glob("*.bin")}
+    (src / "SHA256SUMS").write_text("".join(f"{h}  corpus/{n}\n" for n, h in sums.items()))
+    room = (src / "c_val_000000.bin").stat().st_size + 1024 + 2 * 1000  # val whole, 1000 train tokens
+    info = prepare_gpu.copy_corpus(src, tmp_path / "out", room)
+    assert info["c_val_000000.bin"]["whole"] and not info["c_train_000000.bin"]["whole"]
+    np.testing.assert_array_equal(read_shard(tmp_path / "out" / "c_val_000000.bin"), val)
+    np.testing.assert_array_equal(read_shard(tmp_path / "out" / "c_train_000000.bin"), train[:1000])
+    (src / "c_val_000000.bin").write_bytes((src / "c_val_000000.bin").read_bytes()[:-2] + b"\0\0")
+    with pytest.raises(SystemExit, match="checksum"):
+        prepare_gpu.copy_corpus(src, tmp_path / "out2", room)

@@ -2,10 +2,11 @@
 packed documents; the Mamba2 module; errors; the Triton chain's traffic model and compile specs.
 
 Tolerances: fp32 paths against float64 are compared by norm-relative error < 1e-5 for outputs and 1e-4 for
-gradients (measured under the interpreter: at most 2.5e-7 for outputs and 4e-6 for gradients (dA, a sum over
-every step), fp32 rounding over <= 300 steps; exp of in-chunk cumsum differences adds no growth with L).
-bf16 inputs (Triton dots on bf16 operands): measured 5.9e-3 for the output and at most 2.8e-2 for a gradient
-(dA) at 2 x 150 x 4 heads x 8 x 16, so 2e-2 / 1e-1 leave a 3x margin.
+gradients. Measured for the Triton chain under the interpreter (IEEE dots) at 2 x 300 x 4 heads x 8 x 16 with
+four documents: outputs <= 7.5e-7, gradients <= 2.2e-5 (dA at chunk 256: a sum over every step of an in-chunk
+reverse cumsum); the torch path stays near 1e-7.
+bf16 inputs (Triton dots on bf16 operands, fp32 sums): measured 6.2e-3 for the output and at most 9.4e-3 for a
+gradient, the torch path (fp32 inside) 1.7e-3 / 2.4e-3; 2e-2 / 3e-2 leave a 3x margin.
 """
 import pytest
 import torch
@@ -143,7 +144,7 @@ def test_triton_against_float64_recurrence(case):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])
 def test_bf16_inputs(backend):
     inp, seq = make(2, 150, 4, 8, 2, 16, docs=[7, 64, 100], dtype=torch.bfloat16, seed=3)
-    check(backend, inp, seq, 64, True, (0.0, INF), tol=2e-2, tol_grad=1e-1)
+    check(backend, inp, seq, 64, True, (0.0, INF), tol=2e-2, tol_grad=3e-2)
 
 
 def test_result_does_not_depend_on_chunk_size():
@@ -317,8 +318,9 @@ def test_compile_specs_describe_every_kernel_argument():
     (torch.float32, "ieee", 1e-5, 1e-4),
     # tf32 operands keep 10 mantissa bits (relative rounding 4.9e-4 per operand), sums stay fp32
     (torch.float32, "tf32", 5e-3, 3e-2),
-    # bf16: the interpreter's 5.9e-3 / 2.8e-2 (same rounding points as the tensor cores), 3x margin
-    (torch.bfloat16, "tf32", 2e-2, 1e-1),
+    # bf16: the interpreter's 6.2e-3 / 9.4e-3 (same rounding points as the tensor cores); the errors come from
+    # in-chunk sums and do not grow with L, but 2048 steps are unmeasured here: 3x / 5x margins
+    (torch.bfloat16, "tf32", 2e-2, 5e-2),
 ], ids=["fp32-ieee", "fp32-tf32", "bf16"])
 def test_cuda_full_size_against_float64_torch_path(dtype, precision, tol, tol_grad, monkeypatch):
     """8 x 2048 x 24 heads x 64 x dstate 128, chunk 256, every option on, two document breaks. The reference is

@@ -57,15 +57,14 @@ def ssd_traffic(batch, seqlen, nheads, headdim, dstate, ngroups, chunk_size, dty
             ("state_fwd (chunk states + passing)", X + BC + 2 * V32, ST * e + FIN),
             ("chunk_scan_fwd (+D, z, cast)", X + zx + 2 * BC + 2 * V32 + ST * e, X + zx),
         ]
-        dy_reads = X  # every gradient kernel reads dy once (dout itself without z)
         backward = ([("gate_bwd", 3 * X, 2 * X)] if has_z else []) + [
-            ("state_bwd (dstates + passing)", dy_reads + BC + V32, ST * e + FIN),
+            ("state_bwd (dstates + passing, decay grads)", X + BC + V32 + ST * e, ST * e + FIN),
             ("chunk_bwd_dx", 2 * X + 2 * BC + 2 * V32 + ST * e, X + 2 * V32),
             ("chunk_bwd_db (group sum in program)", 2 * X + BC + 2 * V32 + ST * e, BC),
             ("chunk_bwd_dc (group sum in program)", 2 * X + BC + 2 * V32 + ST * e, BC),
             ("zero-fill dcs column partials", 0, J * V32),
-            ("chunk_bwd_dcs", 2 * X + 2 * BC + 3 * V32 + ST * e, (1 + J) * V32),
-            ("dt_bwd (reverse cumsum, dt, dA, dt_bias)", DT + (3 + J) * V32, DT),
+            ("chunk_bwd_dcs", 2 * X + 2 * BC + 2 * V32 + ST * e, (1 + J) * V32),
+            ("dt_bwd (reverse cumsum, dt, dA, dt_bias)", DT + (5 + J) * V32, DT),
         ]
         return {"forward": forward, "backward": backward}
     ratio = nheads // ngroups

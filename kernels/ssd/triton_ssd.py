@@ -19,15 +19,18 @@ Kernels (grid in brackets; T = cdiv(L, rows) row blocks, rows from block_config)
            _ssd_chunk_bwd_db    rows s x 64 columns of dB, summed over the group's heads in the program
            _ssd_chunk_bwd_dc    rows t x 64 columns of dC, the same                            [T, N/64, b*G]
            _ssd_chunk_bwd_dcs   rows t: the C.B^T and h_in terms of dcs                        [T, b*H]
-           _ssd_dt_bwd          d(dt*A) by a reverse in-document cumsum of dcs over the whole row, then ddt
+           _ssd_dt_bwd          d(dt*A) by a reverse cumsum of dcs inside chunk and document, then ddt
                                 through clamp / softplus / bias, dA and d(dt_bias) partials   [b*H]
 No step holds more than 64 columns of d_state at a time (sums over it go 64 wide), so shared memory and
 registers do not grow with d_state; every reduction is deterministic (no atomics).
 
-The gradient of the decays needs no state re-read: treating cs as one cumsum per document,
-    dL/dcs_t = C_t.dC_t - B_t.dB_t (per head) + [t = L-1] <dfinal, final>,
-(the query side scales C_t by exp(cs_t), the key side B_s by exp(-cs_s)), and d(dt*A)_t is its reverse
-cumsum within the document, built from products the kernels hold anyway (dCB * CB, dV * V, dy * C h_in).
+The decays' gradient: cs is a cumsum inside each chunk, so d(cs_t) collects, within the chunk, the C.B^T
+pairs (row sums of dCB * CB at t, minus column sums at s), the incoming state's dy_t.(exp(cs_t) C_t h_in),
+minus gw_s (what step s gives the chunk's end state) and, at the chunk's last step, sum_s gw_s plus the chunk
+decay's gradient <dS, h_in> exp(cs_end) (a select: nothing where a document starts inside the chunk).
+d(dt*A) is then a reverse cumsum inside the chunk and document: no partial sum spans chunks, so the float
+error does not grow with L (a global-cumsum form, C.dC - B.dB summed over the whole row, was tried first:
+its dA error grew from 4e-6 at L=150 to 2.2e-5 at L=300 in fp32).
 
 Documents (seq_idx): a state reset is a select (tl.where), never a multiply by 0, and every cross-document
 term is selected away before it meets a dot, so a NaN or inf in one document's state or tokens outside
@@ -308,7 +311,8 @@ def _ssd_gate_bwd(dout_ptr, z_ptr, ypre_ptr, dy_ptr, dz_ptr, L, H, P, so_b, so_l
 
 
 @triton.jit
-def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, dh0_ptr, L, H, G, P, N, Lp, NC, Q,
+def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, hin_ptr, dfinal_ptr, dS_ptr, dh0_ptr, ddecay_ptr,
+                   L, H, G, P, N, Lp, NC, Q,
                    sy_b, sy_l, sy_h, sy_p, sc_b, sc_l, sc_g, sc_n,
                    BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
                    HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
@@ -324,9 +328,15 @@ def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, dh0_ptr, 
     grad = tl.zeros((BP, BN), dtype=tl.float32)  # gradient of the state leaving chunk c
     if HAS_DFINAL:
         grad = tl.load(dfinal_ptr + row * P * N + pn_off, mask=pn_mask, other=0.0)
+    blk = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    nblk = tl.num_programs(1) * tl.num_programs(2)
     for ci in range(0, NC):
         c = NC - 1 - ci
-        tl.store(dS_ptr + (row * NC + c) * P * N + pn_off, grad.to(dS_ptr.dtype.element_ty), mask=pn_mask)
+        st_off = (row * NC + c) * P * N + pn_off
+        tl.store(dS_ptr + st_off, grad.to(dS_ptr.dtype.element_ty), mask=pn_mask)
+        # gradient of the chunk's decay exp(cs_end), this block's part: <dS, h_in>
+        hin = tl.load(hin_ptr + st_off, mask=pn_mask, other=0.0).to(tl.float32)
+        tl.store(ddecay_ptr + (row * NC + c) * nblk + blk, tl.sum(tl.sum(grad * hin, axis=1), axis=0))
         cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
         dhin = tl.zeros((BP, BN), dtype=tl.float32)
         for s0 in range(c * Q, tl.minimum(c * Q + Q, L), BS):
@@ -350,12 +360,12 @@ def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dS_ptr, dh0_ptr, 
 
 @triton.jit
 def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, D_ptr,
-                      dx_ptr, ddtx_ptr, dcs_ptr, dD_ptr, L, H, G, P, N, Lp, NC, Q,
+                      dx_ptr, ddtx_ptr, gw_ptr, dD_ptr, L, H, G, P, N, Lp, NC, Q,
                       sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
                       BS: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                       HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
-    """Rows s of one chunk and head (key side): dx, the dt.x part of ddt, D partials, and the end-state term of
-    dcs (-B_s.dB_s from the chunk state), which _ssd_chunk_bwd_dcs then adds to."""
+    """Rows s of one chunk and head (key side): dx, the dt.x part of ddt, D partials, and gw_s, what step s's
+    weight exp(cs_end - cs_s) in the chunk's end state gives to d(cs_end) and takes from d(cs_s)."""
     pid_s = tl.program_id(0)
     s0 = pid_s * BS
     row = tl.program_id(1).to(tl.int64)
@@ -383,7 +393,7 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
     BdS = _rowdot(B_ptr, b_rows, sm, sb_n, dS_ptr, (row * NC + c) * P * N + p.to(tl.int64) * N, pm, 1, N,
                   dot_ty, BS, BP, BK, PREC)
     dV = tl.where(keep[:, None], BdS * tl.exp(tl.where(keep, cs_end - cs_s, 0.0))[:, None], 0.0)
-    tl.store(dcs_ptr + row * Lp + s, -tl.sum(dV * V, axis=1), mask=sm)  # _ssd_chunk_bwd_dcs adds the rest
+    tl.store(gw_ptr + row * Lp + s, tl.sum(dV * V, axis=1), mask=sm)  # d(cs_end) from step s; -d(cs_s)
     # inside the chunk: y_t += (C_t.B_s) exp(cs_t - cs_s) V_s for s <= t
     for t0 in range(s0, tl.minimum(c * Q + Q, L), BS):
         t = t0 + tl.arange(0, BS)
@@ -511,7 +521,7 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
                        BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                        PREC: tl.constexpr):
     """Rows t of one chunk and head: the C.B^T and h_in terms of dcs. Each (t, s) tile of dCB * CB adds its
-    row sums to dcs_t (C_t.dC_t, onto what _ssd_chunk_bwd_dx stored for these rows) and its negated column
+    row sums to dcs_t (with the h_in term: C_t.dC_t) and its negated column
     sums (-B_s.dB_s) go to this row block's own slice of dcsk (J = Q / BT slices per head, zero-filled), which
     _ssd_dt_bwd adds up: no atomics, the same bits on every run."""
     t0 = tl.program_id(0) * BT
@@ -552,16 +562,16 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
         prod = dCB * CB
         dcs += tl.sum(prod, axis=1)
         tl.store(dcsk_ptr + (row * (Q // BT) + (t0 % Q) // BT) * Lp + s, -tl.sum(prod, axis=0), mask=sm)
-    here = dcs_ptr + row * Lp + t
-    tl.store(here, tl.load(here, mask=tm, other=0.0) + dcs, mask=tm)
+    tl.store(dcs_ptr + row * Lp + t, dcs, mask=tm)
 
 
 @triton.jit
-def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, dcs_ptr, dcsk_ptr, ddtx_ptr, dfin_ptr, ddt_ptr, dA_ptr,
-                dbias_ptr, L, H, Lp, NC, J, sdt_b, sdt_l, sdt_h, dt_lo, dt_hi,
+def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, dcs_ptr, dcsk_ptr, gw_ptr, ddecay_ptr, ddtx_ptr,
+                ddt_ptr, dA_ptr, dbias_ptr, L, H, Lp, NC, J, NBLK, sdt_b, sdt_l, sdt_h, dt_lo, dt_hi,
                 Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr):
-    """d(dt*A)_t = sum of dcs over t' >= t in t's document (walking chunks backwards, each read reversed)."""
+                HAS_SEQ: tl.constexpr):
+    """d(cs_t) within each chunk (cs is an in-chunk cumsum), then d(dt*A)_t = its reverse cumsum over the rest of
+    t's chunk and document; every partial sum stays inside one chunk, so rounding does not grow with L."""
     row = tl.program_id(0).to(tl.int64)
     b = row // H
     h = row % H
@@ -570,26 +580,28 @@ def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, dcs_ptr, dcsk_ptr, dd
     if HAS_BIAS:
         bias = tl.load(bias_ptr + h)
     i = tl.arange(0, Q)
-    carry = 0.0
     dA_acc = 0.0
     dbias_acc = 0.0
-    for ci in range(0, NC):
-        c = NC - 1 - ci
+    for c in range(0, NC):
         t = c * Q + Q - 1 - i  # reversed: a forward scan over i is a reverse scan over t
         tm = t < L
-        v = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0)
+        gw = tl.load(gw_ptr + row * Lp + t, mask=tm, other=0.0)
+        v = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0) - gw
         for j in range(0, J):
             v += tl.load(dcsk_ptr + (row * J + j) * Lp + t, mask=tm, other=0.0)
-        if HAS_DFINAL:  # the final state is exp(cs_{L-1}) times what it collects
-            v += tl.where(t == L - 1, tl.load(dfin_ptr + row), 0.0)
+        # the chunk's last step: its end state's weights exp(cs_end - cs_s), and the chunk decay exp(cs_end)
+        # (no decay, and no gradient, where a document starts inside the chunk: a select)
+        cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+        ddecay = 0.0
+        for k in range(0, NBLK):
+            ddecay += tl.load(ddecay_ptr + (row * NC + c) * NBLK + k)
+        end_term = tl.sum(gw, axis=0) + tl.where(seq_end == seq_in, ddecay * tl.exp(cs_end), 0.0)
+        v += tl.where(t == tl.minimum(c * Q + Q, L) - 1, end_term, 0.0)
         if HAS_SEQ:
             ends = _seq_at(seq_ptr, b, t, L, HAS_SEQ) != _seq_at(seq_ptr, b, t + 1, L, HAS_SEQ)
-            v += tl.where((i == 0) & (ends == 0), carry, 0.0)
             ddA = tl.associative_scan((v, ends), 0, _seg_add)[0]
         else:
-            v += tl.where(i == 0, carry, 0.0)
             ddA = tl.cumsum(v, 0)
-        carry = tl.sum(tl.where(i == Q - 1, ddA, 0.0), axis=0)
         dtp = tl.load(dtp_ptr + row * Lp + t)
         ddt = tl.load(ddtx_ptr + row * Lp + t, mask=tm, other=0.0) + A * ddA
         dA_acc += tl.sum(tl.where(tm, ddA * dtp, 0.0), axis=0)
@@ -687,14 +699,13 @@ class _SSD(torch.autograd.Function):
             L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(zz), *_s4(B), *_s4(C),
             HAS_SEQ=seq is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
             HAS_Z=z is not None, PREC=precision, **cfg)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre if z is not None else None,
-                              final)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre if z is not None else None)
         ctx.meta = (Q, softplus, lo, hi, has_limit, precision, h0 is not None)
         return out, final
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre, final = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre = ctx.saved_tensors
         Q, softplus, lo, hi, has_limit, precision, has_h0 = ctx.meta
         batch, L, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
@@ -719,18 +730,20 @@ class _SSD(torch.autograd.Function):
         dS = torch.empty_like(hin)
         dh0 = torch.empty(batch, H, P, N, **f32)
         cfg = block_config("state_bwd", P, N, x.dtype)
+        n_blk = triton.cdiv(P, cfg["BP"]) * triton.cdiv(N, cfg["BN"])
+        ddecay = torch.empty(batch * H, NC, n_blk, **f32)
         _ssd_state_bwd[(batch * H, triton.cdiv(P, cfg["BP"]), triton.cdiv(N, cfg["BN"]))](
-            dy, C, cs, seq_arg, dfinal if dfinal is not None else dh0, dS, dh0, L, H, G, P, N, Lp, NC, Q,
+            dy, C, cs, seq_arg, hin, dfinal if dfinal is not None else dh0, dS, dh0, ddecay, L, H, G, P, N, Lp, NC, Q,
             *_s4(dy), *_s4(C), HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None, PREC=precision, **cfg)
         # 6. key side per head: dx, dt.x, key half of dcs, D partials
         dx = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
         ddtx = torch.empty(batch * H, Lp, **f32)
-        dcs = torch.empty(batch * H, Lp, **f32)
+        gw = torch.empty(batch * H, Lp, **f32)
         cfg = block_config("chunk_bwd_dx", P, N, x.dtype)
         n_s = triton.cdiv(L, cfg["BS"])
-        dD_part = torch.empty(batch * n_s, H, P, **f32) if D is not None else dcs
+        dD_part = torch.empty(batch * n_s, H, P, **f32) if D is not None else gw
         _ssd_chunk_bwd_dx[(n_s, batch * H)](
-            x, dy, B, C, dtp, cs, seq_arg, dS, D if D is not None else A, dx, ddtx, dcs, dD_part,
+            x, dy, B, C, dtp, cs, seq_arg, dS, D if D is not None else A, dx, ddtx, gw, dD_part,
             L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B), *_s4(C), HAS_SEQ=has_seq, HAS_D=D is not None,
             D_PER_CHANNEL=D is not None and D.dim() == 2, PREC=precision, **cfg)
         # 7. dB and dC, each summed over a group's heads in the program
@@ -747,6 +760,7 @@ class _SSD(torch.autograd.Function):
         # 8. query half of dcs
         cfg = block_config("chunk_bwd_dcs", P, N, x.dtype)
         J = Q // cfg["BT"]
+        dcs = torch.empty(batch * H, Lp, **f32)
         dcsk = torch.zeros(batch * H, J, Lp, **f32)
         _ssd_chunk_bwd_dcs[(triton.cdiv(L, cfg["BT"]), batch * H)](
             x, dy, B, C, dtp, cs, seq_arg, hin, dcs, dcsk, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
@@ -755,12 +769,11 @@ class _SSD(torch.autograd.Function):
         ddt = torch.empty(batch, L, H, device=dev, dtype=dt.dtype)
         dA_part = torch.empty(batch * H, **f32)
         dbias_part = torch.empty(batch * H, **f32)
-        dfin_dot = (dfinal * final).sum((-1, -2)).reshape(-1) if dfinal is not None else dA_part
         _ssd_dt_bwd[(batch * H,)](
-            dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, dcs, dcsk, ddtx, dfin_dot, ddt, dA_part,
-            dbias_part, L, H, Lp, NC, J, *dt.stride(), lo, hi if has_limit else 0.0,
-            Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, HAS_LIMIT=has_limit,
-            HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None, num_warps=4, num_stages=1)
+            dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, cs, dcs, dcsk, gw, ddecay, ddtx, ddt, dA_part,
+            dbias_part, L, H, Lp, NC, J, n_blk, *dt.stride(), lo, hi if has_limit else 0.0,
+            Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, HAS_LIMIT=has_limit, HAS_SEQ=has_seq,
+            num_warps=4, num_stages=1)
         dA = dA_part.view(batch, H).sum(0).to(A.dtype)
         dD = None
         if D is not None:
@@ -788,7 +801,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
 # ------------------------------------------------------------------ what the launcher can compile
 
 _FP32_PTRS = {"A_ptr", "bias_ptr", "D_ptr", "dtp_ptr", "cs_ptr", "final_ptr", "dfinal_ptr", "dh0_ptr", "h0_ptr",
-              "ddtx_ptr", "dcs_ptr", "dcsk_ptr", "dD_ptr", "dfin_ptr", "dA_ptr", "dbias_ptr"}
+              "ddtx_ptr", "dcs_ptr", "dcsk_ptr", "gw_ptr", "ddecay_ptr", "dD_ptr", "dA_ptr", "dbias_ptr"}
 _KERNEL_FLAGS = {  # kernel name -> (fn, block-config name or None, feature flags)
     "dt_cumsum_fwd": (_ssd_dt_cumsum_fwd, None, ("HAS_BIAS", "SOFTPLUS", "HAS_LIMIT", "HAS_SEQ")),
     "state_fwd": (_ssd_state_fwd, "state_fwd", ("HAS_SEQ", "HAS_H0")),
@@ -799,7 +812,7 @@ _KERNEL_FLAGS = {  # kernel name -> (fn, block-config name or None, feature flag
     "chunk_bwd_db": (_ssd_chunk_bwd_db, "chunk_bwd_db", ("HAS_SEQ",)),
     "chunk_bwd_dc": (_ssd_chunk_bwd_dc, "chunk_bwd_dc", ("HAS_SEQ",)),
     "chunk_bwd_dcs": (_ssd_chunk_bwd_dcs, "chunk_bwd_dcs", ("HAS_SEQ",)),
-    "dt_bwd": (_ssd_dt_bwd, None, ("HAS_BIAS", "SOFTPLUS", "HAS_LIMIT", "HAS_SEQ", "HAS_DFINAL")),
+    "dt_bwd": (_ssd_dt_bwd, None, ("HAS_BIAS", "SOFTPLUS", "HAS_LIMIT", "HAS_SEQ")),
 }
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

@@ -162,18 +162,22 @@ def _ssd_dt_cumsum_fwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, L, H, 
 
 
 @triton.jit
+def _state_tile(H, G, P, N, BP: tl.constexpr, BN: tl.constexpr):
+    """For grids [batch * heads, P / BP, N / BN]: (batch * heads + head as int64, batch, head, group, this
+    block's rows p and columns n of a (P, N) state, their offsets and mask)."""
+    row = tl.program_id(0).to(tl.int64)
+    h = row % H
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    n = tl.program_id(2) * BN + tl.arange(0, BN)
+    return row, row // H, h, h // (H // G), p, n, p[:, None] * N + n[None, :], (p[:, None] < P) & (n[None, :] < N)
+
+
+@triton.jit
 def _ssd_state_fwd(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, h0_ptr, hin_ptr, final_ptr, L, H, G, P, N, Lp, NC, Q,
                    sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n,
                    BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
                    HAS_H0: tl.constexpr, PREC: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // H
-    h = row % H
-    g = h // (H // G)
-    p = tl.program_id(1) * BP + tl.arange(0, BP)
-    n = tl.program_id(2) * BN + tl.arange(0, BN)
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    pn_off = p[:, None] * N + n[None, :]
+    row, b, h, g, p, n, pn_off, pn_mask = _state_tile(H, G, P, N, BP, BN)
     dot_ty = x_ptr.dtype.element_ty
     state = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_H0:
@@ -316,14 +320,7 @@ def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, hin_ptr, dfinal_ptr, dS_ptr, 
                    sy_b, sy_l, sy_h, sy_p, sc_b, sc_l, sc_g, sc_n,
                    BS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_SEQ: tl.constexpr,
                    HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // H
-    h = row % H
-    g = h // (H // G)
-    p = tl.program_id(1) * BP + tl.arange(0, BP)
-    n = tl.program_id(2) * BN + tl.arange(0, BN)
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    pn_off = p[:, None] * N + n[None, :]
+    row, b, h, g, p, n, pn_off, pn_mask = _state_tile(H, G, P, N, BP, BN)
     dot_ty: tl.constexpr = dy_ptr.dtype.element_ty
     grad = tl.zeros((BP, BN), dtype=tl.float32)  # gradient of the state leaving chunk c
     if HAS_DFINAL:
@@ -420,24 +417,25 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
 
 
 @triton.jit
+def _group_tile(L, H, G, N, Q, BR: tl.constexpr, BN: tl.constexpr):
+    """For grids [row blocks, N / BN, batch * groups]: (first row, rows, row mask, rows as int64, columns of
+    N, column mask, batch, group, heads per group, chunk)."""
+    r0 = tl.program_id(0) * BR
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    bg = tl.program_id(2).to(tl.int64)
+    rows = r0 + tl.arange(0, BR)
+    return r0, rows, rows < L, rows.to(tl.int64), n, n < N, bg // G, bg % G, H // G, r0 // Q
+
+
+@triton.jit
 def _ssd_chunk_bwd_db(x_ptr, dy_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, dB_ptr, L, H, G, P, N, Lp, NC, Q,
                       sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sc_b, sc_l, sc_g, sc_n,
                       BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                       PREC: tl.constexpr):
     """Rows s, one N block, summed over the heads of one group inside the program: dB. Sums over headdim
     go BK at a time (_rowdot), so nothing headdim-wide is held."""
-    s0 = tl.program_id(0) * BS
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    bg = tl.program_id(2).to(tl.int64)
-    b = bg // G
-    g = bg % G
-    R = H // G
-    c = s0 // Q
+    s0, s, sm, s64, n, nm, b, g, R, c = _group_tile(L, H, G, N, Q, BS, BN)
     dot_ty: tl.constexpr = x_ptr.dtype.element_ty
-    s = s0 + tl.arange(0, BS)
-    sm = s < L
-    s64 = s.to(tl.int64)
-    nm = n < N
     seq_s = _seq_at(seq_ptr, b, s, L, HAS_SEQ)
     t_stop = tl.minimum(c * Q + Q, L)
     dB = tl.zeros((BS, BN), dtype=tl.float32)
@@ -474,18 +472,8 @@ def _ssd_chunk_bwd_dc(x_ptr, dy_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, d
                       BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                       PREC: tl.constexpr):
     """Rows t, one N block, summed over the heads of one group inside the program: dC."""
-    t0 = tl.program_id(0) * BT
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    bg = tl.program_id(2).to(tl.int64)
-    b = bg // G
-    g = bg % G
-    R = H // G
-    c = t0 // Q
+    t0, t, tm, t64, n, nm, b, g, R, c = _group_tile(L, H, G, N, Q, BT, BN)
     dot_ty: tl.constexpr = x_ptr.dtype.element_ty
-    t = t0 + tl.arange(0, BT)
-    tm = t < L
-    t64 = t.to(tl.int64)
-    nm = n < N
     seq_t = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
     dC = tl.zeros((BT, BN), dtype=tl.float32)
     for r in range(0, R):

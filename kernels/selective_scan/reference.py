@@ -52,8 +52,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     for t in range(L):
         decay, coef = discretize(deltas[t][:, :, None], A, discretization)
         if seq_idx is not None and t > 0:
-            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).to(work)[:, None, None]
-            decay = decay * keep
+            # a new document starts from zero: select, not multiply, so a NaN/Inf cannot cross over
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1])[:, None, None]
+            h = torch.where(keep, h, torch.zeros_like(h))
         h = decay * h + coef * Bs[t] * us[t][:, :, None]
         ys.append((h * Cs[t]).sum(-1))
     y = torch.stack(ys, dim=-1)

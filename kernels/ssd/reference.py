@@ -41,7 +41,9 @@ def ssd_sequential_ref(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=
     for t in range(L):
         decay = torch.exp(dts[t] * A.to(work))  # (b, H)
         if seq_idx is not None and t > 0:
-            decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1]).to(work)[:, None]
+            # a new document starts from zero: select, not multiply, so a NaN/Inf cannot cross over
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1])[:, None, None, None]
+            h = torch.where(keep, h, torch.zeros_like(h))
         h = decay[..., None, None] * h + (dts[t][..., None] * xs[t])[..., None] * Bs[t][:, :, None, :]
         ys.append((h * Cs[t][:, :, None, :]).sum(-1))
     y = torch.stack(ys, 1)  # (b, L, H, P)

@@ -356,6 +356,18 @@ def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, hin_ptr, dfinal_ptr, dS_ptr, 
 
 
 @triton.jit
+def _head_tile(L, H, G, P, Q, BR: tl.constexpr, BP: tl.constexpr):
+    """For grids [row blocks, batch * heads] holding a whole headdim: (first row, rows, row mask, rows as
+    int64, batch * heads + head as int64, batch, head, group, chunk, headdim columns, their mask)."""
+    r0 = tl.program_id(0) * BR
+    row = tl.program_id(1).to(tl.int64)
+    h = row % H
+    rows = r0 + tl.arange(0, BR)
+    p = tl.arange(0, BP)
+    return r0, rows, rows < L, rows.to(tl.int64), row, row // H, h, h // (H // G), r0 // Q, p, p < P
+
+
+@triton.jit
 def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, D_ptr,
                       dx_ptr, ddtx_ptr, gw_ptr, dD_ptr, L, H, G, P, N, Lp, NC, Q,
                       sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
@@ -363,19 +375,8 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
                       HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
     """Rows s of one chunk and head (key side): dx, the dt.x part of ddt, D partials, and gw_s, what step s's
     weight exp(cs_end - cs_s) in the chunk's end state gives to d(cs_end) and takes from d(cs_s)."""
-    pid_s = tl.program_id(0)
-    s0 = pid_s * BS
-    row = tl.program_id(1).to(tl.int64)
-    b = row // H
-    h = row % H
-    g = h // (H // G)
-    c = s0 // Q
+    s0, s, sm, s64, row, b, h, g, c, p, pm = _head_tile(L, H, G, P, Q, BS, BP)
     dot_ty: tl.constexpr = x_ptr.dtype.element_ty
-    s = s0 + tl.arange(0, BS)
-    sm = s < L
-    s64 = s.to(tl.int64)
-    p = tl.arange(0, BP)
-    pm = p < P
     sp_mask = sm[:, None] & pm[None, :]
     b_rows = b * sb_b + s64 * sb_l + g * sb_g
     x_s = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=sp_mask,
@@ -411,7 +412,7 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
             dx += tl.load(D_ptr + h * P + p, mask=pm, other=0.0)[None, :] * dy_s
         else:
             dx += tl.load(D_ptr + h) * dy_s
-        tl.store(dD_ptr + ((b * tl.num_programs(0) + pid_s) * H + h) * P + p, tl.sum(dy_s * x_s, axis=0), mask=pm)
+        tl.store(dD_ptr + ((b * tl.num_programs(0) + tl.program_id(0)) * H + h) * P + p, tl.sum(dy_s * x_s, axis=0), mask=pm)
     tl.store(dx_ptr + _own_off(b, s64, h, p, L, H, P), dx.to(dx_ptr.dtype.element_ty), mask=sp_mask)
     tl.store(ddtx_ptr + row * Lp + s, tl.sum(dV * x_s, axis=1), mask=sm)
 
@@ -512,18 +513,8 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
     row sums to dcs_t (with the h_in term: C_t.dC_t) and its negated column
     sums (-B_s.dB_s) go to this row block's own slice of dcsk (J = Q / BT slices per head, zero-filled), which
     _ssd_dt_bwd adds up: no atomics, the same bits on every run."""
-    t0 = tl.program_id(0) * BT
-    row = tl.program_id(1).to(tl.int64)
-    b = row // H
-    h = row % H
-    g = h // (H // G)
-    c = t0 // Q
+    t0, t, tm, t64, row, b, h, g, c, p, pm = _head_tile(L, H, G, P, Q, BT, BP)
     dot_ty: tl.constexpr = x_ptr.dtype.element_ty
-    t = t0 + tl.arange(0, BT)
-    tm = t < L
-    t64 = t.to(tl.int64)
-    p = tl.arange(0, BP)
-    pm = p < P
     c_rows = b * sc_b + t64 * sc_l + g * sc_g
     seq_t = _seq_at(seq_ptr, b, t, L, HAS_SEQ)
     cs_t = tl.load(cs_ptr + row * Lp + t)

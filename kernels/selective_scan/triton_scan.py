@@ -111,11 +111,17 @@ def _time_vec(row, s_l, t, tm):
 
 @triton.jit
 def _dt(raw, bias, tm, SOFTPLUS: tl.constexpr):
-    """dt = softplus(delta + bias) (identity above 20); 0 outside the sequence, so those steps are identities."""
+    """dt = softplus(delta + bias) (identity above 20); 0 outside the sequence, so those steps are identities.
+    softplus = log1p(e) with e = exp(raw), as log(1 + e) * e / ((1 + e) - 1) (exact division by the rounded
+    increment): log(1 + e) alone loses digits at Mamba's small dt (raw ~ -7: ~7e-5 relative)."""
     raw = raw + bias
     dt = raw
     if SOFTPLUS:
-        dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))), raw)
+        e = tl.exp(tl.minimum(raw, 20.0))
+        one_e = 1.0 + e
+        tiny = one_e == 1.0
+        log1p_e = tl.where(tiny, e, tl.log(one_e) * (e / tl.where(tiny, 1.0, one_e - 1.0)))
+        dt = tl.where(raw <= 20.0, log1p_e, raw)
     return raw, tl.where(tm, dt, 0.0)
 
 

@@ -815,34 +815,37 @@ def _signature(fn, constexprs, dtype):
 def compile_specs(headdims=(64, 128), dstates=(64, 128, 256), dtypes=(torch.bfloat16, torch.float32),
                   chunk_sizes=CHUNK_SIZES, precision="tf32"):
     """One entry per distinct compilation the launcher can pick: kernel x block config x dtype x feature set
-    (all on / all off). Block configs depend on (headdim, dstate, dtype) through block_config; the chunk size
-    is a runtime argument (Q) except for the two per-step dt kernels, where it is the block (constexpr).
-    Inputs and outputs of one dtype (dt too); states, dt and cumsum scratch fp32 as the launcher allocates."""
-    specs, seen = [], set()
+    (all on / all off), named after the sizes that pick it. Block configs depend on (headdim, dtype) through
+    block_config; d_state and the chunk size are runtime arguments (N, Q) of the chunk kernels, so one
+    compilation serves every d_state >= 64 and chunk size there; the two per-step dt kernels take the chunk
+    as their block (Q constexpr). Inputs and outputs in one dtype (dt too); states, dt and cumsum scratch fp32
+    as the launcher allocates them."""
+    specs = []
     for dtype in dtypes:
         for name, (fn, cfg_name, flags) in _KERNEL_FLAGS.items():
             for on in (True, False):
-                variants = []
-                if cfg_name is None:
-                    variants = [(f"Q{q}", dict(Q=q), dict(num_warps=4, num_stages=1)) for q in chunk_sizes]
-                else:
-                    for P in headdims:
-                        for N in dstates:
-                            cfg = dict(block_config(cfg_name, P, N, dtype))
-                            launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-                            if "PREC" in fn.arg_names:
-                                cfg["PREC"] = precision
-                            variants.append((f"P{P}-N{N}", cfg, launch))
-                for label, const, launch in variants:
-                    const = dict(const, **{f: on for f in flags})
-                    key = (name, dtype, tuple(sorted(const.items())), tuple(launch.items()))
-                    if key in seen:
-                        continue
-                    seen.add(key)
+                picks = {}  # distinct (constexprs, launch options) -> the sizes that pick them
+                for P in headdims:
+                    for N in dstates:
+                        for q in (chunk_sizes if cfg_name is None else (None,)):
+                            if cfg_name is None:
+                                const, launch = dict(Q=q), dict(num_warps=4, num_stages=1)
+                            else:
+                                const = dict(block_config(cfg_name, P, N, dtype))
+                                launch = dict(num_warps=const.pop("num_warps"), num_stages=const.pop("num_stages"))
+                                if "PREC" in fn.arg_names:
+                                    const["PREC"] = precision
+                            const.update({f: on for f in flags})
+                            key = (tuple(sorted(const.items())), tuple(launch.items()))
+                            picks.setdefault(key, (const, launch, set()))[2].add((P, N, q))
+                for const, launch, sizes in picks.values():
                     sig = _signature(fn, const, dtype)
                     aligned = [a for a, ty in sig.items() if ty.startswith("*")]
                     aligned += [a for a in ("P", "N", "Lp", "sx_b", "sx_l", "sz_b", "sz_l", "so_b", "so_l", "sb_b",
                                             "sc_b") if a in sig]
-                    specs.append(dict(name=f"{name}[{_TRITON_TYPES[dtype]} {label} {'all-on' if on else 'all-off'}]",
+                    covers = ("Q" + ",".join(str(q) for q in sorted({q for _, _, q in sizes})) if cfg_name is None else
+                              "P" + ",".join(str(v) for v in sorted({P for P, _, _ in sizes})) +
+                              " N" + ",".join(str(v) for v in sorted({N for _, N, _ in sizes})))
+                    specs.append(dict(name=f"{name}[{_TRITON_TYPES[dtype]} {covers} {'all-on' if on else 'all-off'}]",
                                       fn=fn, signature=sig, constexprs=const, divisible_by_16=aligned, **launch))
     return specs

@@ -44,15 +44,16 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     head h uses group h // (heads / groups); D: (heads, headdim) or (heads,); z like x; dt_bias: (heads,);
     initial_states: (batch, heads, headdim, dstate); seq_idx: (batch, L) int, documents packed in a row.
     dt <- clamp(softplus(dt + dt_bias), dt_limit) in fp32;  h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T;
-    y_t = h_t C_t + D x_t;  out = y * silu(z). L need not be a multiple of chunk_size.
+    y_t = h_t C_t + D x_t;  out = y * silu(z). L need not be a multiple of chunk_size; the triton backend
+    takes chunk_size 64, 128 or 256 (256 moves the fewest state bytes), the others any positive size.
     Returns out (x's dtype), and the fp32 final states (batch, heads, headdim, dstate) if requested.
     """
     if torch.compiler.is_compiling():
         try:
             from ..compile_ops import ssd_compiled
         except ImportError:  # the custom-op wrapper is optional; trace the plain path instead
-            ssd_compiled = None
-        if ssd_compiled is not None:
+            pass
+        else:  # one opaque graph node: the Triton launches and autograd.Function stay out of the trace
             return ssd_compiled(x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                                 initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
                                 dt_limit=dt_limit, return_final_states=return_final_states, backend=backend)

@@ -84,6 +84,17 @@ class Hyperparameters:
     mot_lr: float = 0.008               # Adam lr for MoT matrices (char embedding uses embed_lr)
     char_mamba_lr: float = 0.001        # Adam lr for the char Mamba's matrices: at mot_lr its B/C projections
                                         # grew 7x in 6 steps and the loss spiked (devlog)
+    # sequence mixers (section 3c): attention, Mamba or Mamba2 per layer
+    mixer: str = "attention"            # attention | mamba | mamba2, for every layer
+    mixer_pattern: str = ""             # one letter per layer, overrides --mixer: A attention, M Mamba, 2 Mamba2,
+                                        # - none; --no_attn_layers turns listed A layers into -
+    mamba_d_state: int = 16             # Mamba (selective scan) state size
+    mamba2_d_state: int = 64            # Mamba2 (SSD) state size
+    mamba_expand: int = 2               # inner width = expand * model_dim (Mamba and Mamba2)
+    mamba2_headdim: int = 64
+    mamba2_chunk_size: int = 256
+    mamba_lr: float = 0.004             # Adam lr for the Mamba layers' A_log, D, dt (bias, Mamba's dt_proj) and
+                                        # conv weights; their in/out (and Mamba's x) projections train with Muon
     # optimizers
     head_lr: float = 0.22 / 768 ** 0.5
     embed_lr: float = 0.6
@@ -104,6 +115,11 @@ class Hyperparameters:
     save_record: bool = True
     runs: int = 1                       # >1: this many seeds back to back (seed, seed+1, ...), then statistics
     target_loss: float = 3.28           # --runs: one-sided t-test that the mean final val loss is below this
+    # checkpoints (section 6b)
+    save_checkpoint: str = "off"        # off | final | every_N: RECORD/checkpoint.pt (model, optimizers, loader
+                                        # position, RNG) after the last step, or every N steps and the last
+    resume: str = ""                    # checkpoint.pt or its record folder: continue that run (its
+                                        # hyperparameters, overridden by the flags given with --resume)
 
 
 PRESETS = {
@@ -120,6 +136,11 @@ PRESETS = {
         head_lr=0.22 / 128 ** 0.5, loss_chunk=128,
     ),
 }
+# The cpu preset with Mamba2 in every layer (d_state 32, 8 heads of 32 at expand 2; 64-token chunks)
+PRESETS["cpu_mamba2"] = dict(PRESETS["cpu"], mixer="mamba2", mamba2_d_state=32, mamba2_headdim=32,
+                             mamba2_chunk_size=64)
+# The cpu preset as a hybrid: Mamba2 everywhere but two attention layers (one per U-net half)
+PRESETS["cpu_hybrid"] = dict(PRESETS["cpu_mamba2"], mixer_pattern="22A2222222A2", no_attn_layers="")
 EMBEDDED_TRAIN = "data/devil_jargon/devil_jargon_train_*.bin"
 MOT_VARIANTS = ("none", "cross", "cross+attn", "cross+mamba", "cross+mamba2")
 
@@ -176,10 +197,12 @@ BOUNDS = dict(
     char_heads=(1, None), cross_heads=(1, None), cross_prev_tokens=(0, None), mot_lr=(0.0, None), char_mamba_lr=(0.0, None),
     head_lr=(0.0, None), embed_lr=(0.0, None), scalar_lr=(0.0, None), muon_lr=(0.0, None),
     muon_momentum_start=(0.0, 1.0), muon_momentum_end=(0.0, 1.0), muon_momentum_warmup=(0, None),
-    seed=(-1, None), runs=(1, None),
+    seed=(-1, None), runs=(1, None), mamba_d_state=(1, None), mamba2_d_state=(1, None), mamba_expand=(1, None),
+    mamba2_headdim=(1, None), mamba2_chunk_size=(1, None), mamba_lr=(0.0, None),
 )
 CHOICES = dict(attention=("auto", "flex", "sdpa"), compile=("auto", "on", "off"), fp8_head=("auto", "on", "off"),
-               dtype=("auto", "bfloat16", "float32"), mot=MOT_VARIANTS)
+               dtype=("auto", "bfloat16", "float32"), mot=MOT_VARIANTS,
+               mixer=("attention", "mamba", "mamba2"))
 
 
 def validate_args(a: Hyperparameters):
@@ -209,6 +232,15 @@ def validate_args(a: Hyperparameters):
     layers = [s.strip() for s in a.no_attn_layers.split(",") if s.strip()]
     need(all(s.isdigit() and int(s) < a.num_layers for s in layers),
          f"--no_attn_layers must be comma-separated layer indices in [0, {a.num_layers}), got {a.no_attn_layers!r}")
+    need(a.mixer_pattern == "" or (len(a.mixer_pattern) == a.num_layers and set(a.mixer_pattern) <= set("AM2-")),
+         f"--mixer_pattern must be empty or one of A (attention), M (Mamba), 2 (Mamba2), - (none) per layer "
+         f"({a.num_layers}), got {a.mixer_pattern!r}")
+    if "2" in layer_mixers(a):
+        need(a.mamba_expand * a.model_dim % a.mamba2_headdim == 0,
+             f"--mamba2_headdim ({a.mamba2_headdim}) must divide --mamba_expand * --model_dim "
+             f"({a.mamba_expand * a.model_dim})")
+    need(checkpoint_every(a.save_checkpoint) is not None,
+         f"--save_checkpoint must be off, final or every_N (N >= 1), got {a.save_checkpoint!r}")
     if a.mot != "none":
         need(a.char_dim % a.char_heads == 0 and a.char_dim % a.cross_heads == 0,
              f"--char_dim ({a.char_dim}) must be divisible by --char_heads ({a.char_heads}) and "
@@ -217,6 +249,24 @@ def validate_args(a: Hyperparameters):
 
 def no_attn_set(a: Hyperparameters) -> set[int]:
     return {int(s) for s in a.no_attn_layers.split(",") if s.strip()}
+
+
+MIXER_LETTERS = dict(attention="A", mamba="M", mamba2="2")
+
+
+def layer_mixers(a: Hyperparameters) -> str:
+    """One letter per layer: A attention, M Mamba, 2 Mamba2, - no sequence mixer (the MLP only). --mixer_pattern
+    if given, else --mixer for every layer; --no_attn_layers turns the listed attention layers into -."""
+    pattern = a.mixer_pattern or MIXER_LETTERS[a.mixer] * a.num_layers
+    return "".join("-" if c == "A" and i in no_attn_set(a) else c for i, c in enumerate(pattern))
+
+
+def checkpoint_every(flag: str) -> int | None:
+    """--save_checkpoint as a step interval: 0 = only after the last step, -1 = never, None = malformed."""
+    if flag in ("off", "final"):
+        return -1 if flag == "off" else 0
+    n = flag.removeprefix("every_")
+    return int(n) if flag.startswith("every_") and n.isdigit() and int(n) >= 1 else None
 
 
 def next_multiple_of_n(v: float, n: int) -> int:
@@ -442,14 +492,19 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int):
         super().__init__()
         freqs = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
-        freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 4)])
-        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+        self.register_buffer("freqs", torch.cat([freqs, freqs.new_zeros(head_dim // 4)]), persistent=False)
+        self.extend(max_seq_len)
+
+    def extend(self, max_seq_len: int):
+        """(Re)build the cos/sin tables for positions 0 .. max_seq_len-1 (generation past the training length)."""
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=self.freqs.device), self.freqs)
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, D)
-        assert self.cos.size(0) >= x.size(-3), f"sequence of {x.size(-3)} longer than rotary table {self.cos.size(0)}"
-        cos, sin = self.cos[None, :x.size(-3), None, :], self.sin[None, :x.size(-3), None, :]
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:  # x: (B, T, H, D) at positions start .. start+T-1
+        end = start + x.size(-3)
+        assert self.cos.size(0) >= end, f"position {end - 1} beyond the rotary table ({self.cos.size(0)})"
+        cos, sin = self.cos[None, start:end, None, :], self.sin[None, start:end, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         y1 = x1 * cos + x2 * sin
         y2 = -x1 * sin + x2 * cos
@@ -540,14 +595,30 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = CastedLinear(hdim, dim)
         self.c_proj.weight.detach().zero_()
 
+    def qkv(self, x: Tensor, ve: Tensor | None, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated q, k and mixed v, each (B, H, T, D), for the tokens at positions start .. start+T-1."""
+        B, T = x.size(0), x.size(1)
+        H, D = self.num_heads, self.head_dim
+        q, k, v = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * H, D).chunk(3, dim=-2)
+        q, k = self.rotary(norm(q), start), self.rotary(norm(k), start)
+        v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v) if ve is not None else self.lambdas[0] * v
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def decode(self, x: Tensor, ve: Tensor | None, kv: tuple[Tensor, Tensor], pos: int, visible: Tensor) -> Tensor:
+        """One token (1, 1, dim) at position pos: its key and value go into the cache kv (each (1, H, max_len, D)),
+        the query reads the cached positions where visible (pos + 1,) is True."""
+        q, k, v = self.qkv(x, ve, pos)
+        keys, values = kv
+        keys[:, :, pos], values[:, :, pos] = k[:, :, 0], v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, keys[:, :, :pos + 1], values[:, :, :pos + 1], attn_mask=visible[None, :],
+                                           scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).reshape(1, 1, -1))
+
     def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
         B, T = x.size(0), x.size(1)
         assert B == 1, "packed sequences: one row per rank (documents are separated by EOT)"
         H, D = self.num_heads, self.head_dim
-        q, k, v = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * H, D).chunk(3, dim=-2)
-        q, k = self.rotary(norm(q)), self.rotary(norm(k))
-        v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v) if ve is not None else self.lambdas[0] * v
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k, v = self.qkv(x, ve)  # (B, H, T, D)
         if isinstance(mask, Tensor):  # dense boolean mask: CPU path and reference
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
@@ -568,18 +639,51 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
+def make_ssm(a: Hyperparameters, kind: str, layer_idx: int) -> nn.Module:
+    """A Mamba (kind M) or Mamba2 (kind 2) mixer from kernels/ (Triton on CUDA, PyTorch on the CPU); its output
+    projection starts at zero, as every residual branch of the speedrun does."""
+    import kernels
+    if kind == "M":
+        ssm = kernels.Mamba(a.model_dim, d_state=a.mamba_d_state, expand=a.mamba_expand, layer_idx=layer_idx)
+    else:
+        ssm = kernels.Mamba2(a.model_dim, d_state=a.mamba2_d_state, expand=a.mamba_expand, headdim=a.mamba2_headdim,
+                             chunk_size=a.mamba2_chunk_size, layer_idx=layer_idx)
+    ssm.out_proj.weight.detach().zero_()
+    return ssm
+
+
 class Block(nn.Module):
+    """Sequence mixer (attention, Mamba, Mamba2 or none: layer_mixers) then MLP, each a pre-norm residual."""
+
     def __init__(self, a: Hyperparameters, layer_idx: int, max_seq_len: int):
         super().__init__()
-        self.attn = (None if layer_idx in no_attn_set(a) else
-                     CausalSelfAttention(a.model_dim, a.num_heads, a.head_dim, max_seq_len, a.attn_scale))
+        kind = layer_mixers(a)[layer_idx]
+        self.attn = (CausalSelfAttention(a.model_dim, a.num_heads, a.head_dim, max_seq_len, a.attn_scale)
+                     if kind == "A" else None)
+        self.ssm = make_ssm(a, kind, layer_idx) if kind in ("M", "2") else None
         self.mlp = MLP(a.model_dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0
 
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask) -> Tensor:
+    def run_ssm(self, h: Tensor, **kw) -> Tensor:
+        # the Mamba weights stay fp32 (nn.Linear, no per-matmul cast), so bf16 activations are cast around them
+        return self.ssm(h.to(self.ssm.in_proj.weight.dtype), **kw).to(h.dtype)
+
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask, seq_idx: Tensor | None = None) -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, mask)
+        elif self.ssm is not None:
+            x = x + self.run_ssm(norm(x), seq_idx=seq_idx)
+        return x + self.mlp(norm(x))
+
+    def decode(self, x: Tensor, ve: Tensor | None, x0: Tensor, cache, pos: int, visible: Tensor | None) -> Tensor:
+        """forward for one token (1, 1, dim), reading and updating this layer's decoding cache."""
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn.decode(norm(x), ve, cache, pos, visible)
+        elif self.ssm is not None:
+            h = norm(x)
+            x = x + self.ssm.step(h.to(self.ssm.in_proj.weight.dtype), *cache)[0].to(h.dtype)
         return x + self.mlp(norm(x))
 
 
@@ -745,8 +849,12 @@ class GPT(nn.Module):
         super().__init__()
         self.a = a
         self.embed = nn.Embedding(a.vocab_size, a.model_dim)
-        # 3 value embeddings, used by the first 3 and the last 3 layers (012 ... 012)
-        self.value_embeds = nn.ModuleList([nn.Embedding(a.vocab_size, a.model_dim) for _ in range(3)])
+        # 3 value embeddings, used by the first 3 and the last 3 layers (012 ... 012); one that only Mamba layers
+        # would read is not made (it would get no gradient). Keys "0".."2" keep the state-dict names.
+        self.mixers = layer_mixers(a)
+        L = a.num_layers
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(a.vocab_size, a.model_dim) for i in range(3)
+                                           if "A" in (self.mixers[i], self.mixers[L - 3 + i])})
         self.blocks = nn.ModuleList([Block(a, i, max_seq_len) for i in range(a.num_layers)])
         self.head_vocab = next_multiple_of_n(a.vocab_size, 128)  # 50257 -> 50304: tensor-core friendly
         d = a.model_dim
@@ -768,22 +876,68 @@ class GPT(nn.Module):
         long_m, short_m = make(input_seq, window_blocks, self.a.block_size)
         return [long_m if c == "L" else short_m for c in self.a.window_pattern]
 
+    def layer_value_embeddings(self, tokens: Tensor) -> list[Tensor | None]:
+        ve = [self.value_embeds[str(i)](tokens) if str(i) in self.value_embeds else None for i in range(3)]
+        return ve + [None] * (self.a.num_layers - 6) + ve
+
     def features(self, input_seq: Tensor, window_blocks: Tensor, dense_mask: bool) -> Tensor:
         """Final normed hidden states (1, T, model_dim)."""
         assert input_seq.ndim == 1, f"input_seq must be 1-D (packed tokens), got {tuple(input_seq.shape)}"
         L = self.a.num_layers
-        ve = [emb(input_seq) for emb in self.value_embeds]
-        ve = [ve[0], ve[1], ve[2]] + [None] * (L - 6) + [ve[0], ve[1], ve[2]]
-        masks = self.masks(input_seq, window_blocks, dense_mask)
+        ve = self.layer_value_embeddings(input_seq)
+        masks = self.masks(input_seq, window_blocks, dense_mask) if "A" in self.mixers else [None] * L
+        # Mamba layers restart their state (and conv window) at every document: the attention masks' doc ids
+        seq_idx = document_ids(input_seq).to(torch.int32)[None] if set("M2") & set(self.mixers) else None
         x = x0 = self.input_embedding(input_seq).to(self.embed.weight.dtype)
         skips = []
         for i in range(L // 2):
-            x = self.blocks[i](x, ve[i], x0, masks[i])
+            x = self.blocks[i](x, ve[i], x0, masks[i], seq_idx)
             skips.append(x)
         for i in range(L // 2, L):
             x = x + self.skip_weights[i - L // 2] * skips.pop()
-            x = self.blocks[i](x, ve[i], x0, masks[i])
+            x = self.blocks[i](x, ve[i], x0, masks[i], seq_idx)
         return norm(x)
+
+    @torch.no_grad()
+    def decode_step(self, token: int, state: "DecodeState") -> Tensor:
+        """Logits (head_vocab,) after `token`, appended at position state.pos: equal to logits() of the whole
+        sequence at that position, with the attention window as at the end of training (state.window_blocks)."""
+        t = state.pos
+        if t >= state.max_len:
+            raise ValueError(f"decoding state holds {state.max_len} positions; position {t} does not fit")
+        device = self.embed.weight.device
+        if token == EOT_ID:  # EOT opens a new document: the Mamba states restart, attention sees only it
+            state.doc += 1
+            for cache, kind in zip(state.layers, self.mixers):
+                if kind in ("M", "2"):
+                    for s in cache:
+                        s.zero_()
+        tok = torch.tensor([token], device=device)
+        if state.tokens is not None:  # a MoT char encoder reads previous tokens: recompute it over the history
+            state.tokens[t] = token
+            x0 = self.input_embedding(state.tokens[:t + 1])[:, -1:]
+        else:
+            x0 = self.input_embedding(tok)
+        x = x0 = x0.to(self.embed.weight.dtype)
+        visible = {}
+        if state.docs is not None:
+            state.docs[t] = state.doc
+            bs, pos = self.a.block_size, torch.arange(t + 1, device=device)
+            same_doc = state.docs[:t + 1] == state.doc
+            for c, w in (("L", state.window_blocks), ("S", max(state.window_blocks // 2, 1))):
+                visible[c] = same_doc & (pos // bs > t // bs - w)  # the w most recent blocks (see windowed_blocks)
+        ve = self.layer_value_embeddings(tok)
+        L = self.a.num_layers
+        layer_args = [(ve[i], x0, state.layers[i], t, visible.get(self.a.window_pattern[i])) for i in range(L)]
+        skips = []
+        for i in range(L // 2):
+            x = self.blocks[i].decode(x, *layer_args[i])
+            skips.append(x)
+        for i in range(L // 2, L):
+            x = x + self.skip_weights[i - L // 2] * skips.pop()
+            x = self.blocks[i].decode(x, *layer_args[i])
+        state.pos += 1
+        return self.head(norm(x))[0, 0]
 
     def head(self, h: Tensor) -> Tensor:
         logits = self.lm_head(h).float()
@@ -801,14 +955,47 @@ class GPT(nn.Module):
         return total / h.size(0)
 
 
+class DecodeState:
+    """GPT.decode_step's cache for one sequence: per attention layer the keys and values of every position so
+    far (preallocated for max_len) and the positions' document ids; per Mamba layer its (conv_state, ssm_state),
+    the same size at any length; the token history only when a MoT char encoder needs it."""
+
+    def __init__(self, model: GPT, max_len: int):
+        a, device = model.a, model.embed.weight.device
+        self.pos, self.doc, self.max_len = 0, 0, max_len
+        self.window_blocks = window_blocks_at(a.num_iterations, a)
+        if "A" in model.mixers:
+            for block in model.blocks:
+                if block.attn is not None:
+                    block.attn.rotary.extend(max(max_len, block.attn.rotary.cos.size(0)))
+        self.docs = torch.zeros(max_len, dtype=torch.long, device=device) if "A" in model.mixers else None
+        needs_history = model.mot is not None and (model.mot.encoder_kind is not None or a.cross_prev_tokens > 0)
+        self.tokens = torch.zeros(max_len, dtype=torch.long, device=device) if needs_history else None
+        dtype = model.embed.weight.dtype
+        self.layers = []
+        for block in model.blocks:
+            if block.attn is not None:
+                shape = (1, a.num_heads, max_len, a.head_dim)
+                self.layers.append((torch.zeros(shape, dtype=dtype, device=device),
+                                    torch.zeros(shape, dtype=dtype, device=device)))
+            else:
+                self.layers.append(block.ssm.allocate_inference_cache(1) if block.ssm is not None else None)
+
+
 def build_optimizers(model: GPT, a: Hyperparameters, rank: int, world_size: int, fused: bool,
                      orthogonalise=zeropower_via_newtonschulz5):
-    """Adam for the head, the embeddings and the scalars; Muon for every matrix inside the blocks.
-    Asserts that every trainable parameter is in exactly one group."""
-    hidden_matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
+    """Adam for the head, the embeddings and the scalars; Muon for every matrix inside the blocks but the Mamba
+    layers' dynamics: their in_proj, out_proj (and Mamba's x_proj) are Muon matrices, while A_log, D, dt_bias,
+    Mamba's dt_proj (a rank-dt_rank map that sets the step sizes) and the depthwise conv weights and biases train
+    with Adam at mamba_lr. Asserts that every trainable parameter is in exactly one group."""
+    ssm_muon = {id(m.weight) for n, m in model.blocks.named_modules()
+                if n.endswith((".ssm.in_proj", ".ssm.out_proj", ".ssm.x_proj"))}
+    ssm_adam = [p for n, p in model.blocks.named_parameters() if ".ssm." in n and id(p) not in ssm_muon]
+    taken = {id(p) for p in ssm_adam}
+    hidden_matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in taken]
     embeds = [p for n, p in model.named_parameters() if "embed" in n and p.ndim >= 2 and not n.startswith("blocks.")
               and not n.startswith("mot.encoder.")]
-    scalars = [p for p in model.parameters() if p.ndim < 2]
+    scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in taken]
     head = [model.lm_head.weight]
     char_mamba = [p for n, p in model.named_parameters() if n.startswith("mot.encoder.mixer.") and p.ndim >= 2]
     taken = {id(p) for p in embeds + char_mamba}
@@ -817,6 +1004,8 @@ def build_optimizers(model: GPT, a: Hyperparameters, rank: int, world_size: int,
                    dict(params=scalars, lr=a.scalar_lr)]
     if char_mamba:
         adam_groups.append(dict(params=char_mamba, lr=a.char_mamba_lr))
+    if ssm_adam:
+        adam_groups.append(dict(params=ssm_adam, lr=a.mamba_lr))
     if mot_matrices:
         adam_groups.append(dict(params=mot_matrices, lr=a.mot_lr))
     adam = torch.optim.Adam(adam_groups, betas=(0.8, 0.95), eps=1e-10, fused=fused)

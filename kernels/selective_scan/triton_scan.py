@@ -439,7 +439,7 @@ def channels_per_program(dim: int, groups: int) -> int:
 def _finish_warps(block_n: int, chunk: int) -> int:
     """Warps of the finish passes (the summaries take 4). With TILE_ELEMS-element tiles at 4 warps, ptxas
     capped the forward finish at 128 registers with a stack frame; at 8 warps it takes <= 101 registers and
-    the backward finish <= 223, without spills (sm_90 cubins from Triton 3.9)."""
+    the backward finish <= 224, without spills (sm_90 cubins from Triton 3.9)."""
     return 8 if block_n * chunk >= TILE_ELEMS else 4
 
 

@@ -205,37 +205,52 @@ def _segment_fast(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, dis
         return M.unflatten(-2, (nc, T)).unbind(-2)
 
     Bsteps, Csteps = steps(Bs), steps(Cs)
-    shape = (*u4.shape[:-1], T, N)  # (b, G, Dg, nc, T, N)
-    h_loc = u.new_empty(shape)
-    prod = u.new_empty(shape)
-    h = u.new_zeros(*u4.shape[:-1], N)
-    p = u.new_ones(*u4.shape[:-1], N)
     A5 = A[:, :, None, :]
     zoh = discretization == "zoh"
     dtu4 = dt4 * u4  # zoh input coefficient, formed once on the small (…, nc, T) tensor
-    for t in range(T):
+
+    def decay_at(t):  # (b, G, Dg, nc, N), with the input term when asked
         if zoh:
-            decay = torch.exp(dt4[..., t, None] * A5)  # (b, G, Dg, nc, N)
-            x = dtu4[..., t, None] * Bsteps[t]
-        else:
-            decay, coef = discretize(dt4[..., t, None], A5, discretization)
-            x = (coef * u4[..., t, None]).mul_(Bsteps[t])
-        if keep4 is None:
-            h = torch.addcmul(x, decay, h, out=h_loc[..., t, :])
-            p = torch.mul(p, decay, out=prod[..., t, :])
+            return torch.exp(dt4[..., t, None] * A5), None
+        return discretize(dt4[..., t, None], A5, discretization)
+    # 1. every sub-chunk scanned from a zero state, read out through C as it goes (no state is stored)
+    y4 = u.new_empty(u4.shape)  # (b, G, Dg, nc, T)
+    h = p = None
+    for t in range(T):
+        decay, coef = decay_at(t)
+        x = dtu4[..., t, None] * Bsteps[t] if zoh else (coef * u4[..., t, None]).mul_(Bsteps[t])
+        if h is None:
+            h, p = x, decay
+        elif keep4 is None:
+            h = torch.addcmul(x, decay, h)
+            p = p * decay
         else:  # a new document drops the carried state by a select: a NaN there cannot leak through 0 * NaN
-            reset_t = reset4[..., t, None]
-            h = torch.mul(decay, h, out=h_loc[..., t, :]).masked_fill_(reset_t, 0.0).add_(x)
-            p = torch.mul(p, decay, out=prod[..., t, :]).masked_fill_(reset_t, 0.0)
-    _add_chunk_starts_(h_loc, prod, h0, None if keep4 is None else _live(keep4))
-    hflat = h_loc.flatten(-3, -2)[..., :S, :]
-    y = torch.linalg.vecdot(hflat, Cs)
+            h = (decay * h).masked_fill_(reset4[..., t, None], 0.0).add_(x)
+            p = p * decay
+        if keep4 is not None:
+            p = p.masked_fill(reset4[..., t, None], 0.0)
+        y4[..., t] = torch.linalg.vecdot(h, Csteps[t])
+    # 2. true start state of every sub-chunk, carried across sub-chunks
+    starts = [h0]
+    cut = None if keep4 is None else ~_live(keep4)[..., -1, None]  # sub-chunks holding a reset
+    for c in range(nc - 1):
+        carried = p[..., c, :] * starts[-1]
+        if cut is not None:
+            carried = carried.masked_fill(cut[..., c, :], 0.0)
+        starts.append(h[..., c, :] + carried)
+    # 3. the start states' contribution, decayed step by step by the same recurrence with no input
+    s = torch.stack(starts, -2)  # (b, G, Dg, nc, N)
+    for t in range(T):
+        s = s * decay_at(t)[0]
+        if keep4 is not None:
+            s = s.masked_fill(reset4[..., t, None], 0.0)
+        y4[..., t] += torch.linalg.vecdot(s, Csteps[t])
+    y = y4.flatten(-2)[..., :S]
     if D is not None:
         y = y + D[..., None] * u
     if z is not None:
         y = y * F.silu(z)
-    return y, hflat[..., -1, :]
-
+    return y, h[..., -1, :] + s[..., -1, :]  # pad steps are identity steps: the last sub-chunk's end state
 
 def _segment(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, discretization):
     """One segment. u, delta, z: (b, G, Dg, S); A: (G, Dg, N); Bs, Cs: (b|1, G, 1|Dg, S|1, N);

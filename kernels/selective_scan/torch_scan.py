@@ -5,13 +5,19 @@ Layout: channels are split as (groups G, channels per group Dg) so that input-de
 time steps.
 
 - Memory: the sequence is cut into segments whose (batch, dim, S, N) work tensors stay under a budget;
-  forward saves only each segment's start state. Backward recomputes one segment at a time under
-  autograd (so every option, bilinear included, gets exact gradients) and carries the state gradient
-  to the previous segment.
-- Speed: inside a segment, `chunked_linear_scan` runs sqrt(S) steps vectorised over sqrt(S) sub-chunks,
-  then carries states across sub-chunks, then fixes up all steps in one op: about 2 sqrt(S) Python steps
-  per segment instead of S. Only products of decays in [0, 1] appear: no log-space cumsum, no division
-  (both lose precision on long sequences; see the README).
+  forward saves only each segment's start state (and the output before the z gate).
+- Forward (`_segment_fast`, no autograd): sqrt(S) steps, each on one (batch, dim, sub-chunks, N) slab for
+  all sqrt(S) sub-chunks at once, read out through C as it goes; the sub-chunks' true start states are
+  carried across and reach the outputs through a second, input-free pass. No (batch, dim, S, N) tensor.
+- Backward (zoh, `_segment_backward`): hand-written, one segment at a time from the last: recompute the
+  states, run the adjoint recurrence as a reverse scan, form every gradient with a few fused passes, and
+  carry the state gradient to the previous segment. The bilinear discretization recomputes each segment
+  under autograd instead (`_backward_by_recompute`).
+- Packed documents (seq_idx): every reset is a select (masked_fill / where), never a multiply by 0, in the
+  forward and in the backward, so a NaN or inf in one document reaches no other document's outputs or
+  gradients.
+- Only products of decays in [0, 1] appear: no log-space cumsum, no division (both lose precision on long
+  sequences; see the README).
 """
 from __future__ import annotations
 
@@ -88,11 +94,12 @@ def _add_chunk_starts_(h_loc, prod, h0, live=None, reverse=False):
         h_loc.add_(torch.where(live[..., None], prod * start, 0.0))
 
 
-def _linear_scan_(a, x, h0, keep=None, reverse=False):
+def _linear_scan_(a, x, h0, keep=None, reverse=False, scratch=None):
     """In place on x (..., S, N): x_t <- a_t * x_prev + x_t, where x_prev is the result of the step
     before (t - 1, or t + 1 when reverse) and h0 before the first one. keep (..., S) bool or None: where
     False the carried term is dropped (a select). a may be a strided view (e.g. shifted by one step).
-    Same sub-chunk scheme as _segment_fast: sqrt(S) vectorised steps, then the sub-chunk carry."""
+    sqrt(S) steps vectorised over sqrt(S) sub-chunks, then the carry across sub-chunks, then one fix-up.
+    scratch: a buffer shaped like x for the running decay products (reused: fresh pages cost time)."""
     S = x.shape[-2]
     if S == 0:
         return x
@@ -102,7 +109,7 @@ def _linear_scan_(a, x, h0, keep=None, reverse=False):
     body = slice(S - main, S) if reverse else slice(0, main)
     a4, x4 = a[..., body, :].unflatten(-2, (nc, T)), x[..., body, :].unflatten(-2, (nc, T))
     keep4 = keep[..., body].unflatten(-1, (nc, T)) if keep is not None else None
-    prod = torch.empty(torch.broadcast_shapes(a4.shape, x4.shape), dtype=x.dtype, device=x.device)
+    prod = (torch.empty_like(x) if scratch is None else scratch)[..., body, :].unflatten(-2, (nc, T))
     h = p = None
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         a_t, x_t, p_t = a4[..., t, :], x4[..., t, :], prod[..., t, :]
@@ -128,19 +135,18 @@ def _linear_scan_(a, x, h0, keep=None, reverse=False):
     return x
 
 
-def _segment_backward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, dout, carry):
+def _segment_backward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, dout, carry, y):
     """Hand-written backward of one zoh segment (same layouts as _segment); carry: gradient of the
-    segment's last state from the segments after it, or None. Recomputes the states, then runs the
+    segment's last state from the segments after it, or None; y: the forward's output before the z gate
+    (None without z). Recomputes the states, then runs the
     adjoint recurrence g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse scan.
     Returns (du, ddelta, dz, dBs, dCs, dA, dD, ddelta_bias, dh0), None for absent options."""
     pre = delta if delta_bias is None else delta + delta_bias[..., None]
     dt = torch.where(pre <= 20.0, F.softplus(pre), pre) if softplus else pre
     a = torch.exp(dt[..., None] * A[:, :, None, :])  # (b, G, Dg, S, N)
     dtu = dt * u
-    h = _linear_scan_(a, dtu[..., None] * Bs, h0, keep)  # all states
-    y = torch.linalg.vecdot(h, Cs)
-    if D is not None:
-        y = y + D[..., None] * u
+    scratch = torch.empty_like(a)
+    h = _linear_scan_(a, dtu[..., None] * Bs, h0, keep, scratch=scratch)  # all states
     dz = None
     dy = dout
     if z is not None:
@@ -151,8 +157,8 @@ def _segment_backward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus,
     if carry is not None:
         g[..., -1, :] += carry
     _linear_scan_(a[..., 1:, :], g[..., :-1, :], g[..., -1, :], keep[..., 1:] if keep is not None else None,
-                  reverse=True)
-    q = g * a  # dL/d(log-decay) per state: g_t a_t h_{t-1}
+                  reverse=True, scratch=scratch[..., 1:, :])
+    q = a.mul_(g)  # dL/d(log-decay) per state: g_t a_t h_{t-1} (a is not needed any more)
     dh0 = q[..., 0, :].clone()
     q[..., 1:, :].mul_(h[..., :-1, :])
     q[..., 0, :].mul_(h0)
@@ -179,9 +185,10 @@ def _segment_backward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus,
 
 
 def _segment_fast(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, discretization):
-    """No-grad forward of one segment, same contract as _segment. Each step's decay and input are made
-    for all sub-chunks at once (a cache-sized slab) and written straight into the state buffers, instead
-    of materialising (b, dim, S, N) decay and input tensors first: about half the memory passes."""
+    """No-grad forward of one segment, same contract as _segment plus a third result: the output before
+    the z gate (what the backward needs from the forward). Each step works on one (b, dim, sub-chunks, N)
+    slab for all sub-chunks at once and is read out through C at once: no (b, dim, S, N) tensor is made
+    (the sub-chunks' start states reach the outputs through a second, input-free pass)."""
     dt = delta if delta_bias is None else delta + delta_bias[..., None]
     if softplus:
         dt = torch.where(dt <= 20.0, F.softplus(dt), dt)
@@ -248,9 +255,8 @@ def _segment_fast(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, dis
     y = y4.flatten(-2)[..., :S]
     if D is not None:
         y = y + D[..., None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y, h[..., -1, :] + s[..., -1, :]  # pad steps are identity steps: the last sub-chunk's end state
+    out = y * F.silu(z) if z is not None else y
+    return out, h[..., -1, :] + s[..., -1, :], y  # pad steps are identity steps: the last sub-chunk's end state
 
 def _segment(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, discretization):
     """One segment. u, delta, z: (b, G, Dg, S); A: (G, Dg, N); Bs, Cs: (b|1, G, 1|Dg, S|1, N);
@@ -328,21 +334,24 @@ class _SelectiveScanTorch(torch.autograd.Function):
         AA, DD, bb = lay.chan(A), lay.chan(D), lay.chan(delta_bias)
         BB, CC = lay.state_matrix(B), lay.state_matrix(C)
         h = u.new_zeros(lay.batch, lay.G, lay.Dg, lay.N)
-        outs, starts = [], []
+        outs, starts, pre_gate = [], [], []
         for s in range(0, lay.L, S):
             e = min(s + S, lay.L)
             starts.append(h)
-            y, h = _segment_fast(_sl(uu, s, e), _sl(dd, s, e), AA, _time_slice(BB, s, e), _time_slice(CC, s, e), DD,
-                            _sl(zz, s, e), bb, _sl(lay.keep, s, e), h, softplus, discretization)
+            y, h, y_pre = _segment_fast(_sl(uu, s, e), _sl(dd, s, e), AA, _time_slice(BB, s, e), _time_slice(CC, s, e),
+                                        DD, _sl(zz, s, e), bb, _sl(lay.keep, s, e), h, softplus, discretization)
             outs.append(y)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, *starts)
+            pre_gate.append(y_pre)
+        # the output before the z gate, for dz: (b, dim, L), cheaper to keep than to recompute
+        y_pre = torch.cat(pre_gate, -1) if z is not None and discretization == "zoh" else None
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, *starts)
         ctx.cfg = (softplus, discretization, S)
         out = torch.cat(outs, -1).reshape(lay.batch, lay.dim, lay.L)
         return out, h.reshape(lay.batch, lay.dim, lay.N)
 
     @staticmethod
     def backward(ctx, dout, dlast):  # the last state's gradient is not propagated (as upstream)
-        u, delta, A, B, C, D, z, delta_bias, seq_idx, *starts = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, *starts = ctx.saved_tensors
         softplus, discretization, S = ctx.cfg
         if discretization != "zoh":
             return _backward_by_recompute(ctx, dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, starts, softplus,
@@ -364,7 +373,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
             s, e = segs[i], min(segs[i] + S, lay.L)
             g_u, g_delta, g_z, g_B, g_C, g_A, g_D, g_bias, carry = _segment_backward(
                 _sl(uu, s, e), _sl(dd, s, e), AA, _time_slice(BB, s, e), _time_slice(CC, s, e), DD, _sl(zz, s, e), bb,
-                _sl(lay.keep, s, e), starts[i], softplus, dout[..., s:e], carry)
+                _sl(lay.keep, s, e), starts[i], softplus, dout[..., s:e], carry, _sl(y_pre, s, e))
             du[..., s:e], ddelta[..., s:e] = g_u, g_delta
             if dz is not None:
                 dz[..., s:e] = g_z

@@ -177,12 +177,18 @@ def parse_args(argv: list[str], cuda: bool) -> Hyperparameters:
         except ValueError as e:
             raise SystemExit(f"--{key}: {e}")
         i += 1
-    preset = pairs.get("preset", "auto")
+    resumed = {}
+    if pairs.get("resume"):  # the checkpoint's hyperparameters, then the flags given with --resume
+        try:
+            resumed = checkpoint_hyperparameters(load_checkpoint(pairs["resume"]))
+        except CheckpointError as e:
+            raise SystemExit(f"--resume: {e}")
+    preset = pairs.get("preset", resumed.get("preset", "auto"))
     if preset == "auto":
         preset = "speedrun" if cuda else "cpu"
     if preset not in PRESETS:
         raise SystemExit(f"--preset must be one of auto, {', '.join(PRESETS)}; got {preset!r}")
-    args = Hyperparameters(**{**PRESETS[preset], **pairs, "preset": preset})
+    args = Hyperparameters(**{**PRESETS[preset], **resumed, **pairs, "preset": preset})
     validate_args(args)
     return args
 
@@ -1130,12 +1136,16 @@ def device_description(device: torch.device) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Temporary file in the same folder, fsync, rename: a crash or a full disk leaves the previous file or
-    none, never a truncated one."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(binary file) into a temporary file in the same folder, fsync, rename: a crash or a full disk leaves
+    the previous file or none, never a truncated one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1148,6 +1158,71 @@ def write_json_atomic(path: Path, obj) -> None:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+# --- checkpoints: RECORD/checkpoint.pt, plain containers and tensors only (torch.load(weights_only=True)) ----
+
+CHECKPOINT_FORMAT = "train_gpt checkpoint v1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint file, or a record folder holding checkpoint.pt. Raises CheckpointError saying what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise CheckpointError(f"{path} holds no {CHECKPOINT_NAME}: train with --save_checkpoint=final (or "
+                                  f"every_N) to write one")
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip and weights_only errors alike
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT!r} file (format: {found!r})")
+    ck["path"] = str(path)
+    return ck
+
+
+def checkpoint_hyperparameters(ck: dict) -> dict:
+    """The checkpoint's hyperparameters, checked against this version's fields."""
+    known = {f.name for f in fields(Hyperparameters)}
+    unknown = sorted(set(ck["hyperparameters"]) - known)
+    if unknown:
+        raise CheckpointError(f"{ck['path']} was written by another version of train_gpt.py: unknown "
+                              f"hyperparameters {unknown}")
+    return dict(ck["hyperparameters"])
+
+
+def model_from_checkpoint(ck: dict, device, max_seq_len: int | None = None) -> GPT:
+    """The checkpoint's GPT with its weights, in eval mode. Raises CheckpointError if they do not fit."""
+    a = Hyperparameters(**checkpoint_hyperparameters(ck))
+    model = GPT(a, max_seq_len=max_seq_len or max(a.train_seq_len, a.val_seq_len))
+    try:  # copies cast: bf16 embeddings saved by a CUDA run load into this fp32 model
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{ck['path']}: weights do not fit the model its hyperparameters describe: {e}") from None
+    return model.to(device).eval()
+
+
+def gather_muon_state(muon: Muon, world_size: int) -> None:
+    """With several ranks each keeps the momentum of only the matrices it orthogonalises (every world_size-th
+    of a shape group): broadcast each from its owner, so every rank (rank 0 saves) holds all of them."""
+    if world_size == 1:
+        return
+    for group in muon.param_groups:
+        for i, p in enumerate(group["params"]):
+            state = muon.state[p]
+            buf = state.get("momentum_buffer")
+            state["momentum_buffer"] = buf = torch.zeros_like(p) if buf is None else buf
+            dist.broadcast(buf, src=i % world_size)
 
 
 def new_record_dir(records_dir: str, run_name: str) -> Path:
@@ -1395,7 +1470,25 @@ def train(a: Hyperparameters, s: Settings, rank: int, world_size: int, device: t
         optimizers = build_optimizers(model, a, rank, world_size, fused=True, orthogonalise=orthogonalise)
         muon = optimizers[1]
         n_params = sum(p.numel() for p in model.parameters())
-        print0(f"parameters: {n_params:,}")
+        print0(f"parameters: {n_params:,} (mixers per layer: {model.mixers})")
+        start_step = 0
+        if a.resume:
+            start_step, training_time_ms = resume_from(a, model, optimizers, train_loader, world_size, grad_accum,
+                                                       train_losses, val_history, print0)
+        every = checkpoint_every(a.save_checkpoint)
+
+        def checkpoint(step: int):
+            if every < 0:
+                return
+            gather_muon_state(muon, world_size)
+            if record_dir:
+                path = record_dir / CHECKPOINT_NAME
+                write_atomic(path, lambda f: torch.save(dict(
+                    format=CHECKPOINT_FORMAT, hyperparameters=dataclasses.asdict(a), step=step,
+                    world_size=world_size, model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                    train_loss=list(train_losses), val=list(val_history), train_time_ms=training_time_ms,
+                    rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if cuda else None), f))
+                print0(f"step:{step}/{a.num_iterations} checkpoint: {path}")
         if s.use_fp8:
             head = model.lm_head
             print0(f"fp8 head scales: x_s={head.x_s} w_s={head.w_s} grad_s={head.grad_s} (record 21's, grad_s "
@@ -1456,7 +1549,7 @@ def train(a: Hyperparameters, s: Settings, rank: int, world_size: int, device: t
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
-        for step in range(a.num_iterations + 1):
+        for step in range(start_step, a.num_iterations + 1):
             last = step == a.num_iterations
             if last or (a.val_loss_every > 0 and step % a.val_loss_every == 0 and step > 0):
                 read_losses(0)
@@ -1491,6 +1584,13 @@ def train(a: Hyperparameters, s: Settings, rank: int, world_size: int, device: t
             steps_done = step + 1
             pending.append((steps_done, loss, training_time_ms + 1000 * (time.perf_counter() - t0)))
             read_losses(lag)
+            if every > 0 and steps_done % every == 0 and steps_done < a.num_iterations:
+                read_losses(0)
+                sync()  # the time spent writing is not training time
+                training_time_ms += 1000 * (time.perf_counter() - t0)
+                checkpoint(steps_done)
+                t0 = time.perf_counter()
+        checkpoint(a.num_iterations)
         status = "completed"
     except Diverged as e:
         status, stopped_at, error = "diverged", e.step, str(e)
@@ -1509,6 +1609,36 @@ def train(a: Hyperparameters, s: Settings, rank: int, world_size: int, device: t
         if logfile:
             logfile.close()
     return summary
+
+
+def resume_from(a: Hyperparameters, model: GPT, optimizers, train_loader, world_size: int, grad_accum: int,
+                train_losses: list, val_history: list, print0) -> tuple[int, float]:
+    """Load --resume's model, optimizer and RNG state and the history so far; move the train loader to where
+    that run stopped. Returns (first step to run, training time so far in ms)."""
+    try:
+        ck = load_checkpoint(a.resume, map_location=next(model.parameters()).device)
+        model.load_state_dict(ck["model"])
+    except (CheckpointError, RuntimeError) as e:
+        raise SystemExit(f"--resume: {e}") from None
+    saved = ck["hyperparameters"]
+    if ck["world_size"] != world_size or saved["batch_slices"] != a.batch_slices or saved["train_seq_len"] != a.train_seq_len:
+        raise SystemExit(f"--resume: {ck['path']} was written with world size {ck['world_size']}, --batch_slices="
+                         f"{saved['batch_slices']}, --train_seq_len={saved['train_seq_len']}; resuming needs the same "
+                         f"(the data position depends on them)")
+    for opt, state in zip(optimizers, ck["optimizers"], strict=True):
+        base_lrs = [group["initial_lr"] for group in opt.param_groups]
+        opt.load_state_dict(state)
+        for group, lr in zip(opt.param_groups, base_lrs):  # the lr flags given with --resume, not the saved ones
+            group["initial_lr"] = lr
+    torch.set_rng_state(ck["rng"])
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ck["cuda_rng"])
+    for _ in range(ck["step"] * grad_accum):
+        next(train_loader)
+    train_losses.extend(ck["train_loss"])
+    val_history.extend(ck["val"])
+    print0(f"resumed from {ck['path']} at step {ck['step']}")
+    return ck["step"], ck["train_time_ms"]
 
 
 def finish_record(a: Hyperparameters, s: Settings, world_size: int, device: torch.device, record_dir, print0, *,
@@ -1534,7 +1664,7 @@ def finish_record(a: Hyperparameters, s: Settings, world_size: int, device: torc
         torch=torch.__version__, attention="flex" if s.use_flex else "sdpa", compile=s.use_compile, fp8_head=s.use_fp8,
         parameters=n_params, step_ms=step_ms, train_loss=train_losses, val=val_history,
         final_val_loss=val_history[-1]["val_loss"] if completed else None, train_time_ms=training_time_ms,
-        tokens_per_s=(a.batch_slices * a.train_seq_len * len(step_ms) / (training_time_ms / 1000)
+        tokens_per_s=(a.batch_slices * a.train_seq_len * len(train_losses) / (training_time_ms / 1000)
                       if completed and training_time_ms > 0 else None),
         median_step_ms=float(np.median(step_ms)) if step_ms else None, peak_memory_allocated_mib=peak_alloc,
         peak_memory_reserved_mib=peak_reserved, time=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -509,10 +509,9 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
                        sx_b, sx_l, sx_h, sx_p, sy_b, sy_l, sy_h, sy_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
                        BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_SEQ: tl.constexpr,
                        PREC: tl.constexpr):
-    """Rows t of one chunk and head: the C.B^T and h_in terms of dcs. Each (t, s) tile of dCB * CB adds its
-    row sums to dcs_t (with the h_in term: C_t.dC_t) and its negated column
-    sums (-B_s.dB_s) go to this row block's own slice of dcsk (J = Q / BT slices per head, zero-filled), which
-    _ssd_dt_bwd adds up: no atomics, the same bits on every run."""
+    """Rows t of one chunk and head: the incoming state's term of d(cs_t) (into dcs), and the C.B^T pairs'
+    share of d(dt*A)_r, the sum of dCB * CB over pairs s < r <= t, for this row block's t (into its own slice
+    of dcsk: J = Q / BT slices per head, zero-filled, added up by _ssd_dt_bwd; no atomics)."""
     t0, t, tm, t64, row, b, h, g, c, p, pm = _head_tile(L, H, G, P, Q, BT, BP)
     dot_ty: tl.constexpr = x_ptr.dtype.element_ty
     c_rows = b * sc_b + t64 * sc_l + g * sc_g
@@ -527,6 +526,7 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
     dyw = tl.where(into[:, None], dy_t * tl.exp(tl.where(into, cs_t, 0.0))[:, None], 0.0)
     dcs = tl.sum(tl.where(into[:, None], dyw * Z, 0.0), axis=1)
     dy_d = _as_operand(dy_t, dot_ty)
+    row_before = tl.zeros((BT,), dtype=tl.float32)
     for s0 in range(c * Q, t0 + BT, BT):
         s = s0 + tl.arange(0, BT)
         sm = s < L
@@ -538,9 +538,13 @@ def _ssd_chunk_bwd_dcs(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, hi
                      dot_ty, BT, BT, BK, PREC)
         decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t, _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
         dCB = tl.dot(dy_d, tl.trans(V), input_precision=PREC) * decay
+        # d(dt*A)_r gets prod_ts from every pair s < r <= t: for r in this s block, the pairs of this t block
+        # (earlier s blocks through row_before), summed directly rather than as a difference of two cumsums
         prod = dCB * CB
-        dcs += tl.sum(prod, axis=1)
-        tl.store(dcsk_ptr + (row * (Q // BT) + (t0 % Q) // BT) * Lp + s, -tl.sum(prod, axis=0), mask=sm)
+        before_r = tl.cumsum(prod, axis=1) - prod + row_before[:, None]
+        spans = tl.sum(tl.where(t[:, None] >= s[None, :], before_r, 0.0), axis=0)
+        tl.store(dcsk_ptr + (row * (Q // BT) + (t0 % Q) // BT) * Lp + s, spans, mask=sm)
+        row_before += tl.sum(prod, axis=1)
     tl.store(dcs_ptr + row * Lp + t, dcs, mask=tm)
 
 
@@ -549,8 +553,8 @@ def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, dcs_ptr, dcsk
                 ddt_ptr, dA_ptr, dbias_ptr, L, H, Lp, NC, J, NBLK, sdt_b, sdt_l, sdt_h, dt_lo, dt_hi,
                 Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                 HAS_SEQ: tl.constexpr):
-    """d(cs_t) within each chunk (cs is an in-chunk cumsum), then d(dt*A)_t = its reverse cumsum over the rest of
-    t's chunk and document; every partial sum stays inside one chunk, so rounding does not grow with L."""
+    """d(dt*A)_r for every step r of a row, chunk by chunk (cs is an in-chunk cumsum, so nothing crosses chunks):
+    each term is summed over what step r actually reaches, never as a difference of two long sums."""
     row = tl.program_id(0).to(tl.int64)
     b = row // H
     h = row % H
@@ -564,23 +568,25 @@ def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, dcs_ptr, dcsk
     for c in range(0, NC):
         t = c * Q + Q - 1 - i  # reversed: a forward scan over i is a reverse scan over t
         tm = t < L
-        gw = tl.load(gw_ptr + row * Lp + t, mask=tm, other=0.0)
-        v = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0) - gw
-        for j in range(0, J):
-            v += tl.load(dcsk_ptr + (row * J + j) * Lp + t, mask=tm, other=0.0)
-        # the chunk's last step: its end state's weights exp(cs_end - cs_s), and the chunk decay exp(cs_end)
-        # (no decay, and no gradient, where a document starts inside the chunk: a select)
-        cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
-        ddecay = 0.0
-        for k in range(0, NBLK):
-            ddecay += tl.load(ddecay_ptr + (row * NC + c) * NBLK + k)
-        end_term = tl.sum(gw, axis=0) + tl.where(seq_end == seq_in, ddecay * tl.exp(cs_end), 0.0)
-        v += tl.where(t == tl.minimum(c * Q + Q, L) - 1, end_term, 0.0)
+        # the incoming state's term: a reverse cumsum inside the chunk and document
+        v = tl.load(dcs_ptr + row * Lp + t, mask=tm, other=0.0)
         if HAS_SEQ:
             ends = _seq_at(seq_ptr, b, t, L, HAS_SEQ) != _seq_at(seq_ptr, b, t + 1, L, HAS_SEQ)
             ddA = tl.associative_scan((v, ends), 0, _seg_add)[0]
         else:
             ddA = tl.cumsum(v, 0)
+        # the C.B^T pairs spanning each step, summed by _ssd_chunk_bwd_dcs
+        for j in range(0, J):
+            ddA += tl.load(dcsk_ptr + (row * J + j) * Lp + t, mask=tm, other=0.0)
+        # the end state: step r is inside exp(cs_end - cs_s) for every s < r (gw is 0 outside the end's document)
+        gw = tl.load(gw_ptr + row * Lp + t, mask=tm, other=0.0)
+        ddA += tl.cumsum(gw, 0, reverse=True) - gw
+        # the chunk decay exp(cs_end), when one document spans the chunk (else no decay: a select)
+        cs_end, seq_end, seq_in = _chunk_edges(seq_ptr, cs_ptr, b, row, c, Q, L, Lp, HAS_SEQ)
+        ddecay = 0.0
+        for k in range(0, NBLK):
+            ddecay += tl.load(ddecay_ptr + (row * NC + c) * NBLK + k)
+        ddA += tl.where(tm & (seq_end == seq_in), ddecay * tl.exp(cs_end), 0.0)
         dtp = tl.load(dtp_ptr + row * Lp + t)
         ddt = tl.load(ddtx_ptr + row * Lp + t, mask=tm, other=0.0) + A * ddA
         dA_acc += tl.sum(tl.where(tm, ddA * dtp, 0.0), axis=0)

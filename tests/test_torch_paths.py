@@ -204,21 +204,23 @@ def scan_fn(seq_idx=None):
     return lambda **kw: selective_scan_fn(**kw, delta_softplus=True, seq_idx=seq_idx, backend="torch")
 
 
-SCAN_CASES = [  # (batch, dim, L, N, B/C layout, groups, options, document starts, segment budget)
+SCAN_CASES = [  # (batch, dim, L, N, B/C layout, groups, options, document starts, (segment, backward) budgets)
     (1, 4, 1, 3, "shared", 1, {}, (), None),  # L = 1
     (2, 6, 23, 4, "groups", 3, {}, (), None),  # L not a square: leftover steps after the sub-chunks
     (2, 4, 17, 3, "fixed", 1, {"z": False, "D": False}, (), None),  # B, C fixed per channel
     (1, 8, 30, 2, "groups", 2, {}, (1, 9, 10, 25), None),  # documents, one of length 1
-    (2, 4, 41, 3, "shared", 1, {}, (7, 20), 4 * 4 * 3 * 2),  # many segments (backward carries state grads)
-    (1, 4, 26, 2, "fixed", 1, {"bias": False}, (13,), 4 * 2 * 5),
+    (2, 4, 41, 3, "shared", 1, {}, (7, 20), (4 * 4 * 3 * 2, None)),  # many segments: state grads carried
+    (1, 4, 26, 2, "fixed", 1, {"bias": False}, (13,), (4 * 2 * 5, None)),
+    (2, 6, 50, 3, "groups", 2, {}, (20,), (2 * 6 * 3 * 17, 2 * 6 * 3 * 5)),  # backward pieces inside segments
 ]
 
 
 @pytest.mark.parametrize("case", SCAN_CASES)
 def test_scan_torch_against_float64_recurrence(case, monkeypatch):
     batch, dim, L, N, layout, G, opts, starts, budget = case
-    if budget:
-        monkeypatch.setattr(torch_scan, "SEGMENT_BUDGET", budget)
+    for name, value in zip(("SEGMENT_BUDGET", "BACKWARD_BUDGET"), budget or ()):
+        if value:
+            monkeypatch.setattr(torch_scan, name, value)
     inp = scan_case(batch, dim, L, N, layout, G, **opts)
     seq = documents(batch, L, starts) if starts else None
     oracle = lambda **kw: scan_oracle(**kw, seq_idx=seq)  # noqa: E731
@@ -227,12 +229,12 @@ def test_scan_torch_against_float64_recurrence(case, monkeypatch):
                           FP64_TOL)
 
 
-@pytest.mark.parametrize("budget", [None, 4 * 6 * 3])
+@pytest.mark.parametrize("budget", [None, "SEGMENT_BUDGET", "BACKWARD_BUDGET"])
 def test_scan_torch_nan_in_one_document_stays_there(budget, monkeypatch):
     """The reset is a select in the forward and in the hand-written backward: a NaN input in document 0
     leaves document 1's outputs and every gradient of document 1's tokens finite."""
-    if budget:
-        monkeypatch.setattr(torch_scan, "SEGMENT_BUDGET", budget)
+    if budget:  # segments / backward pieces of 6 steps
+        monkeypatch.setattr(torch_scan, budget, 4 * 6 * 3)
     L, boundary = 37, 15
     inp = scan_case(1, 4, L, 3, "groups", G=2)
     inp["u"][0, 1, 4] = float("nan")

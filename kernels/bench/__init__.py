@@ -68,7 +68,8 @@ def build_parser():
                     help="print only the SSD per-kernel memory traffic (ours vs mamba_ssm) for the preset's SSD shapes")
     ap.add_argument("--peers", action="store_true", help="CPU peers comparison and scaling table (see peers.py)")
     ap.add_argument("--peer_lengths", type=int, nargs="*", default=None)
-    ap.add_argument("--peer_modules", default="mamba,mamba2", help="module peers to run (comma-separated, or none)")
+    ap.add_argument("--peer_ops", default="scan,ssd,mamba,mamba2",
+                    help="--peers: which comparisons (comma-separated): ops scan, ssd; modules mamba, mamba2")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="--peers timing: wall time, or this process's CPU time (steadier on a shared machine)")
     return ap
@@ -86,12 +87,16 @@ def run_peers(args, header):
     peers.clock = peers.CLOCK[args.clock]
     lengths = args.peer_lengths or [64, 256, 1024, 4096, 16384]
     rounds = args.repeat or 3
-    rows = scan_peer_rows(1, 256, 16, lengths, rounds, loop_max_len=4096)
-    rows += ssd_peer_rows(1, 8, 64, 64, 64, [L for L in lengths if L >= 64], rounds, loop_max_len=4096)
-    mods = [m for m in args.peer_modules.split(",") if m in ("mamba", "mamba2")]
+    chosen = args.peer_ops.split(",")
+    rows = []
+    if "scan" in chosen:
+        rows += scan_peer_rows(1, 256, 16, lengths, rounds, loop_max_len=4096)
+    if "ssd" in chosen:
+        rows += ssd_peer_rows(1, 8, 64, 64, 64, lengths, rounds, loop_max_len=4096)
     mod_lengths = [L for L in lengths if 256 <= L <= 4096] or lengths
-    for kind in mods:
-        rows += module_peer_rows(kind, (256, 768), mod_lengths, rounds)
+    for kind in ("mamba", "mamba2"):
+        if kind in chosen:
+            rows += module_peer_rows(kind, (256, 768), mod_lengths, rounds)
     scaling = print_scaling(rows)
     return [dict(header, **r) for r in rows] + [dict(header, scaling=s) for s in scaling]
 

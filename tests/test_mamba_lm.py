@@ -195,3 +195,14 @@ def test_checkpoint_errors(checkpointed_run, tmp_path):
         tg.model_from_checkpoint(tg.load_checkpoint(tmp_path / "other_shape.pt"), "cpu")
     with pytest.raises(SystemExit, match="resuming needs the same"):
         tg.main([f"--resume={copies[0]}", f"--records_dir={tmp_path}", "--batch_slices=4"])
+
+
+def test_hybrid_model_traces_as_one_graph():
+    """torch.compile: dynamo captures the whole hybrid GPT (attention, Mamba, Mamba2) without a graph break,
+    the Mamba layers as the kernels' custom ops (kernels/compile_ops.py)."""
+    model = random_model(args(**MIXERS["hybrid"]))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(packed(), packed(seed=1).long(), torch.tensor(3, dtype=torch.int32), True)
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert explained.graph_break_count == 0
+    assert {"nanogpt_mamba.selective_scan_fwd.default", "nanogpt_mamba.ssd_fwd.default"} <= ops

@@ -49,6 +49,7 @@ class Config:
     eval_every: int = 250
     num_val: int = 1000
     seed: int = 0
+    val_task_args: dict = field(default_factory=dict)  # overrides task_args for the validation set only
 
 
 SELCOPY = dict(num_items=10, area=40)
@@ -124,7 +125,7 @@ def validate_config(cfg: Config) -> None:
     check(isinstance(cfg.name, str) and cfg.name.strip() != "", f"name must be a non-empty string, got {cfg.name!r}")
     check(cfg.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     check(cfg.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
-    for key in ("task_args", "model_args"):
+    for key in ("task_args", "val_task_args", "model_args"):
         check(isinstance(getattr(cfg, key), dict), f"{key} must be a dict, got {getattr(cfg, key)!r}")
     for key in ("steps", "batch_size", "eval_every", "num_val"):
         v = getattr(cfg, key)
@@ -144,9 +145,11 @@ def prepare_run(cfg: Config) -> tuple[Task, Dataset, torch.nn.Module]:
     validate_config(cfg)
     try:
         task = TASKS[cfg.task](**cfg.task_args)
-        data = Dataset(task, cfg.num_val, cfg.seed)
+        val_task = TASKS[cfg.task](**{**cfg.task_args, **cfg.val_task_args}) if cfg.val_task_args else None
+        data = Dataset(task, cfg.num_val, cfg.seed, val_task)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config {cfg.name!r}: task {cfg.task!r} with task_args {cfg.task_args}: {e}") from None
+        raise ValueError(f"config {cfg.name!r}: task {cfg.task!r} with task_args {cfg.task_args} and val_task_args "
+                         f"{cfg.val_task_args}: {e}") from None
     torch.manual_seed(cfg.seed)
     try:
         model = build_model(cfg.model, **cfg.model_args)
@@ -166,7 +169,11 @@ def train(cfg: Config, progress: bool = True, prepared=None, on_eval=None) -> di
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     curve = []
-    result = dict(config=asdict(cfg), task=task.describe(), params=params, status="running", steps_done=0, curve=curve)
+    described = task.describe()
+    if cfg.val_task_args:  # the validation task's settings that differ, as the seed's "val-nops" column
+        val_described = TASKS[cfg.task](**{**cfg.task_args, **cfg.val_task_args}).describe()
+        described.update({f"val-{k}": v for k, v in val_described.items() if v != described.get(k)})
+    result = dict(config=asdict(cfg), task=described, params=params, status="running", steps_done=0, curve=curve)
     t0 = time.perf_counter()
 
     def update(status):

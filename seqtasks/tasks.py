@@ -229,18 +229,21 @@ class Dataset:
     PROBE_DRAWS = 2000
     MIN_FRESH_FRACTION = 0.5
 
-    def __init__(self, task: Task, num_val: int = 1000, seed: int = 0):
+    def __init__(self, task: Task, num_val: int = 1000, seed: int = 0, val_task: Task | None = None):
+        """val_task: draw the validation set from another task (e.g. seed 001: train on 2-5 operations,
+        validate on 5); the training stream still never yields a validation string."""
         check_int("num_val", num_val)
         if num_val < 1:
             raise ValueError(f"num_val must be >= 1, got {num_val}")
         self.task = task
+        val_task = val_task or task
         rng = random.Random(10_000 + seed)
-        if isinstance(task, PigLatin):  # held out by word, so training never meets a validation word
-            self.val = task.validation(num_val, rng)
+        if isinstance(val_task, PigLatin):  # held out by word, so training never meets a validation word
+            self.val = val_task.validation(num_val, rng)
         else:
             seen, self.val = set(), []
             for _ in range(num_val * self.VAL_DRAWS_PER_SAMPLE):
-                s = task.sample(rng)
+                s = val_task.sample(rng)
                 if s.text not in seen:
                     seen.add(s.text)
                     self.val.append(s)
@@ -248,7 +251,7 @@ class Dataset:
                     break
             if len(self.val) < num_val:
                 raise ValueError(
-                    f"task {task.name} {task.describe()} gave only {len(self.val)} distinct samples in "
+                    f"task {val_task.name} {val_task.describe()} gave only {len(self.val)} distinct samples in "
                     f"{num_val * self.VAL_DRAWS_PER_SAMPLE} draws, fewer than num_val={num_val}: its sample space "
                     f"cannot hold the validation set and leave fresh training samples. Lower num_val (to at most "
                     f"{len(self.val) // 2}) or enlarge the task (task_args)")

@@ -1,5 +1,6 @@
 """tools/gpu_check.py: the dry run exercises every stage on the CPU and writes the record; budgets cut
-stages; tools/gpu_results.py renders the latest record (or says there is none)."""
+stages; tools/gpu_results.py renders the latest record (or says there is none); tools/prepare_gpu.py's
+corpus copy keeps valid shards."""
 import hashlib
 import json
 import os

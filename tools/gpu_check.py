@@ -109,8 +109,8 @@ def output_tail(run: dict, n: int = 15) -> list[str]:
 class Check:
     """Shared state of one gpu_check call: options, output folder, console, child environment, deadline."""
 
-    def __init__(self, args, out_dir: Path):
-        self.args, self.out_dir = args, out_dir
+    def __init__(self, args, out_dir: Path, stages=STAGES, argv=()):
+        self.args, self.out_dir, self.stages, self.argv = args, out_dir, list(stages), list(argv)
         self.console = Console(out_dir / "console.log")
         self.start = time.monotonic()
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
@@ -548,8 +548,7 @@ def main(argv=None) -> int:
     device = "dryrun-cpu" if args.dry_run else torch.cuda.get_device_name(0)
     root = Path(args.out_root) if args.out_root else (Path(tempfile.mkdtemp(prefix="gpu_check_dry_")) if args.dry_run
                                                        else REPO_DIR / "records" / "gpu")
-    check = Check(args, new_run_dir(root, device))
-    check.stages, check.argv = stages, argv
+    check = Check(args, new_run_dir(root, device), stages, argv)
     check.console.line(f"gpu_check -> {check.out_dir} (stages {','.join(stages)}; total budget {args.total:.0f} s)")
     try:
         for name in stages:

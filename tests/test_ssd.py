@@ -2,10 +2,11 @@
 packed documents; the Mamba2 module; errors; the Triton chain's traffic model and compile specs.
 
 Tolerances: fp32 paths against float64 are compared by norm-relative error < 1e-5 for outputs and 1e-4 for
-gradients. Measured for the Triton chain under the interpreter (IEEE dots) at 2 x 300 x 4 heads x 8 x 16 with
-four documents, chunk 64/128/256: outputs <= 7.5e-7, gradients <= 1.3e-6 (dA); the torch path <= 2.5e-7.
+gradients (1e-5 for the Triton chain). Measured for the Triton chain under the interpreter (IEEE dots) at
+2 x 300 steps x 4 heads x 8 x 16 with four documents, chunk 64/128/256: outputs <= 7.5e-7, gradients
+<= 1.3e-6 (dA); the torch path <= 2.5e-7.
 bf16 inputs (Triton dots on bf16 operands, fp32 sums): measured 6.2e-3 for the output and at most 9.4e-3 for a
-gradient, the torch path (fp32 inside) 1.7e-3 / 2.4e-3; 2e-2 / 3e-2 leave a 3x margin.
+gradient, the torch path (fp32 inside) 1.6e-3 / 2.5e-3; 2e-2 / 3e-2 leave a 3x margin.
 """
 import pytest
 import torch
@@ -137,7 +138,7 @@ def test_against_float64_recurrence(backend, case):
 def test_triton_against_float64_recurrence(case):
     batch, L, H, P, G, N, chunk, D, z, bias, h0, sp, lim, docs = case
     inp, seq = make(batch, L, H, P, G, N, D, z, bias, h0, docs, seed=L)
-    check("triton", inp, seq, chunk, sp, lim, tol_grad=1e-4)
+    check("triton", inp, seq, chunk, sp, lim, tol_grad=1e-5)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])

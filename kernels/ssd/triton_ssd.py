@@ -412,7 +412,8 @@ def _ssd_chunk_bwd_dx(x_ptr, dy_ptr, B_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_
             dx += tl.load(D_ptr + h * P + p, mask=pm, other=0.0)[None, :] * dy_s
         else:
             dx += tl.load(D_ptr + h) * dy_s
-        tl.store(dD_ptr + ((b * tl.num_programs(0) + tl.program_id(0)) * H + h) * P + p, tl.sum(dy_s * x_s, axis=0), mask=pm)
+        dD_row = (b * tl.num_programs(0) + tl.program_id(0)) * H + h
+        tl.store(dD_ptr + dD_row * P + p, tl.sum(dy_s * x_s, axis=0), mask=pm)
     tl.store(dx_ptr + _own_off(b, s64, h, p, L, H, P), dx.to(dx_ptr.dtype.element_ty), mask=sp_mask)
     tl.store(ddtx_ptr + row * Lp + s, tl.sum(dV * x_s, axis=1), mask=sm)
 

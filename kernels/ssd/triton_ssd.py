@@ -55,6 +55,7 @@ import triton.language as tl
 
 TRITON_SSD_AVAILABLE = True
 CHUNK_SIZES = (64, 128, 256)
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's 2nd and 3rd extents
 # fp32 dots on tensor cores use TF32 by default (about 1e-3 relative); KERNELS_DOT_PRECISION=ieee for exact fp32
 DOT_PRECISION = os.environ.get("KERNELS_DOT_PRECISION", "tf32")
 
@@ -775,6 +776,8 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
     with their strides and dtypes; only the (heads,)-sized A, D, dt_bias become fp32, seq_idx int32."""
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the triton backend, got {chunk_size!r}")
+    if x.shape[0] * x.shape[2] > MAX_GRID_YZ:  # batch * heads is a grid's y or z extent
+        raise ValueError(f"the triton backend takes batch * heads <= {MAX_GRID_YZ}, got x of shape {tuple(x.shape)}")
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     h0 = initial_states.contiguous() if initial_states is not None else None
     D32 = D.float().contiguous() if D is not None else None

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from helpers import TRITON_DEVICE
 from kernels import (InferenceParams, Mamba, mamba_inner_fn, selective_scan_fn, selective_state_update,
                      selective_state_update_ref)
 
@@ -85,8 +86,9 @@ def test_initialisation_like_mamba_ssm():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_step_decoding_equals_forward(backend):
     torch.manual_seed(1)
-    m = Mamba(16, d_state=4, layer_idx=0, backend=backend)
-    x = torch.randn(2, 11, 16)
+    dev = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    m = Mamba(16, d_state=4, layer_idx=0, backend=backend).to(dev)
+    x = torch.randn(2, 11, 16, device=dev)
     with torch.no_grad():
         full = m(x)
         ip = InferenceParams(max_seqlen=11, max_batch_size=2)

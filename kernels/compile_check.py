@@ -36,16 +36,17 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parent.parent
 # Largest shared memory one block may use on sm_90 (227 KB: cudaDevAttrMaxSharedMemoryPerBlockOptin on H100/H200)
 SHARED_MEMORY_LIMIT = 232_448
 SPEC_KEYS = ("name", "fn", "signature", "constexprs", "num_warps", "num_stages", "divisible_by_16")
 
 
 def discover_modules() -> list[str]:
-    """Dotted names of every kernels/**/triton_*.py."""
-    return sorted(".".join(p.relative_to(REPO_DIR).with_suffix("").parts)
-                  for p in (REPO_DIR / "kernels").rglob("triton_*.py"))
+    """Dotted names of every triton_*.py in this package (kernels.* in the repository, mamba_kernels.*
+    when installed from the wheel)."""
+    package_dir = Path(__file__).resolve().parent
+    return sorted(".".join((__package__, *p.relative_to(package_dir).with_suffix("").parts))
+                  for p in package_dir.rglob("triton_*.py"))
 
 
 def load_module(name: str):

@@ -176,9 +176,9 @@ class ScanMambaBlock(nn.Module):
         dt = F.softplus(self.dt_proj(dt))[..., None]  # (B, L, d_inner, 1)
         decay, coef = discretize(dt, -torch.exp(self.A_log), self.discretization)  # (B, L, d_inner, N)
         inputs = coef * Bm[:, :, None, :] * u[..., None]
-        # scan along L: (B, d_inner, L, N) layout for parallel_scan's time dim -2
-        h = parallel_scan(decay.permute(0, 2, 1, 3), inputs.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
-        y = (h * Cm[:, :, None, :]).sum(-1) + self.D * u
+        # time is already dim -2 once (d_inner, N) are flattened: no transposed copies
+        h = parallel_scan(decay.flatten(2), inputs.flatten(2)).unflatten(2, decay.shape[2:])
+        y = (h @ Cm[..., None]).squeeze(-1) + self.D * u
         return self.out_proj(y * F.silu(z))
 
 

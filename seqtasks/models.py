@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -121,8 +122,10 @@ class EncDecTransformer(nn.Module):
             raise ValueError(f"heads ({heads}) must divide ch ({ch})")
         self.embed = nn.Embedding(256, ch)
         self.pos = nn.Parameter(torch.randn(max_len, ch) * 0.02)  # trained, as seed 004's best setting
-        self.transformer = nn.Transformer(ch, heads, layers, layers, 4 * ch, dropout=0.0, batch_first=True,
-                                          norm_first=True)
+        with warnings.catch_warnings():  # nested tensors are off with norm_first: torch says so, harmlessly
+            warnings.simplefilter("ignore", UserWarning)
+            self.transformer = nn.Transformer(ch, heads, layers, layers, 4 * ch, dropout=0.0, batch_first=True,
+                                              norm_first=True)
         self.head = nn.Linear(ch, 256, bias=False)
 
     def forward(self, x):

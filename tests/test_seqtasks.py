@@ -268,3 +268,87 @@ def test_non_finite_loss_stops_the_run_as_diverged():
     res = train(cfg, progress=False, prepared=(task, data, model))
     assert res["status"] == "diverged" and res["diverged_at_step"] == 5 and res["steps_done"] == 4
     assert [c["step"] for c in res["curve"]] == [2, 4]
+
+
+@pytest.mark.parametrize("heads", [1, 4, 8])
+def test_multihead_attention_conv_trains_a_step(heads):
+    """Seed 001's 'attn 0,0,X' rows: nn.MultiheadAttention in the last layer, q/k from the conv."""
+    torch.manual_seed(0)
+    model = build_model("conv", ch=16 if heads < 8 else 32, layers=2, ks=3, attn_layers=[1], attn="QK",
+                        attn_heads=heads)
+    assert model.layers[1].mha.num_heads == heads and model.layers[0].mha is None
+    inputs, targets, _ = encode([VerySelectiveCopy(num_items=3, num_ops=2, ops="swap").sample(random.Random(i))
+                                 for i in range(8)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        opt.zero_grad()
+        loss.backward()
+        assert model.layers[1].mha.in_proj_weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+
+
+def test_multihead_attention_rejects_heads_not_dividing_channels():
+    with pytest.raises(ValueError, match="attn_heads"):
+        build_model("conv", ch=12, layers=1, ks=3, attn_layers=[0], attn="QK", attn_heads=5)
+
+
+def test_val_task_args_change_the_validation_task():
+    """Train on 1-3 operations, validate on exactly 3: every validation program has 3 operations, the
+    training stream keeps shorter ones, and the result's task columns name the validation setting."""
+    from seqtasks.run import prepare_run
+    cfg = Config("val", "vselcopy", dict(num_items=4, num_ops=[1, 3], ops="swap"), "conv",
+                 dict(ch=8, layers=1, ks=3), steps=2, eval_every=2, num_val=50, val_task_args=dict(num_ops=3))
+    _, data, _ = prepare_run(cfg)
+    n_ops = lambda s: len(parse_program(s.text.strip())[1])  # noqa: E731
+    assert {n_ops(s) for s in data.val} == {3}
+    assert {n_ops(s) for s in data.train_samples(200)} == {1, 2, 3}
+    _, same, _ = prepare_run(Config(**{**cfg.__dict__, "val_task_args": {}}))
+    assert {n_ops(s) for s in same.val} == {1, 2, 3}
+    result = train(cfg, progress=False)
+    assert result["task"]["nops"] == "1,3" and result["task"]["val-nops"] == "3,3"
+
+
+@pytest.mark.parametrize("kind,args", [
+    ("encdec", dict(ch=16, layers=1, heads=4)),
+    ("scan_mamba", dict(ch=16, layers=1, d_state=4, discretization="zoh")),
+    ("scan_mamba", dict(ch=16, layers=1, d_state=4, discretization="zoh_exact")),
+    ("scan_mamba", dict(ch=16, layers=1, d_state=4, discretization="bilinear")),
+])
+def test_new_models_learn_a_batch(kind, args):
+    torch.manual_seed(0)
+    model = build_model(kind, **args)
+    inputs, targets, _ = encode([PigLatin().sample(random.Random(i)) for i in range(8)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or loss.item()
+    assert model(inputs).shape == (8, inputs.shape[1], 256) and loss.item() < first
+
+
+def test_exact_zoh_matches_the_matrix_exponential():
+    """Exact ZOH of x' = A x + u: exp([[A, 1], [0, 0]] dt) = [[exp(A dt), int_0^dt exp(A s) ds], [0, 1]], an
+    independent float64 reference for (decay, (exp(A dt) - 1) / A); approximate ZOH differs by O(dt^2 A)."""
+    from seqtasks.models import discretize
+    dt = torch.tensor([[1e-4], [0.05], [0.7], [3.0]], dtype=torch.float64)
+    A = -torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)
+    decay, coef = discretize(dt, A, "zoh_exact")
+    for i in range(dt.shape[0]):
+        for j in range(A.shape[0]):
+            M = torch.tensor([[A[j].item(), 1.0], [0.0, 0.0]], dtype=torch.float64) * dt[i, 0]
+            E = torch.linalg.matrix_exp(M)
+            torch.testing.assert_close(decay[i, j], E[0, 0], rtol=1e-12, atol=0)
+            torch.testing.assert_close(coef[i, j], E[0, 1], rtol=1e-10, atol=0)
+    approx = discretize(dt, A, "zoh")[1]
+    assert (approx - coef).abs()[2:].min() > 1e-3  # the options really differ at large dt
+    with pytest.raises(ValueError, match="discretization"):
+        build_model("scan_mamba", ch=8, layers=1, discretization="euler")
+    with pytest.raises(ValueError, match="scan_mamba"):
+        build_model("mamba", ch=8, layers=1, discretization="bilinear")

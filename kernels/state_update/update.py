@@ -4,7 +4,8 @@ Shapes, without heads / with heads (Mamba-2):
   state (batch, dim, N) / (batch, nheads, dim, N)      x, dt, z (batch, dim) / (batch, nheads, dim)
   A (dim, N) / (nheads, dim, N)                       B, C (batch, N) / (batch, ngroups, N)
   D, dt_bias (dim,) / (nheads, dim)
-Heads use group h // (nheads / ngroups). The math is in fp32; the state keeps its dtype.
+Heads use group h // (nheads / ngroups). The math is in fp32; the state keeps its dtype. With
+state_batch_indices, state's first size is its number of cache lines (any), not batch.
 """
 from __future__ import annotations
 
@@ -12,17 +13,21 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import FLOAT_DTYPES, check, check_tensor
+from ..causal_conv1d.conv import INDEX_DTYPES, check_cache_lines
 
 
-def _validate(state, x, dt, A, B, C, D, z, dt_bias):
+def _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
     check_tensor("state", state, None, FLOAT_DTYPES)
     check(state.dim() in (3, 4), f"state must be (batch, dim, dstate) or (batch, nheads, dim, dstate), got {tuple(state.shape)}")
     heads = state.dim() == 4
-    batch, N = state.shape[0], state.shape[-1]
+    N = state.shape[-1]
     check(min(state.shape[1:]) >= 1, f"state must have nonzero nheads, dim and dstate, got {tuple(state.shape)}")
-    xs = tuple(state.shape[:-1])
     dev = state.device
-    check_tensor("x", x, xs, FLOAT_DTYPES, dev)
+    # without state_batch_indices, one state line per row of x
+    lines = state.shape[0] if state_batch_indices is None else None
+    check_tensor("x", x, (lines,) + tuple(state.shape[1:-1]), FLOAT_DTYPES, dev)
+    batch = x.shape[0]
+    xs = (batch,) + tuple(state.shape[1:-1])
     check_tensor("dt", dt, xs, FLOAT_DTYPES, dev)
     check_tensor("A", A, xs[1:] + (N,), FLOAT_DTYPES, dev)
     for name, M in (("B", B), ("C", C)):
@@ -32,14 +37,32 @@ def _validate(state, x, dt, A, B, C, D, z, dt_bias):
                   f"{name} has {M.shape[1]} groups, which must divide nheads={state.shape[1]}")
         else:
             check_tensor(name, M, (batch, N), FLOAT_DTYPES, dev)
+    check(B.shape == C.shape, f"B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
     check_tensor("D", D, xs[1:], FLOAT_DTYPES, dev, optional=True)
     check_tensor("z", z, xs, FLOAT_DTYPES, dev, optional=True)
     check_tensor("dt_bias", dt_bias, xs[1:], FLOAT_DTYPES, dev, optional=True)
+    if state_batch_indices is not None:
+        check_tensor("state_batch_indices", state_batch_indices, (batch,), INDEX_DTYPES, dev)
+        check_cache_lines("state_batch_indices", state_batch_indices, state.shape[0])
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """h <- exp(dt A) h + dt B x (in place); returns y = C . h + D x, times silu(z) if z is given."""
-    _validate(state, x, dt, A, B, C, D, z, dt_bias)
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
+    """h <- exp(dt A) h + dt B x (in place); returns y = C . h + D x, times silu(z) if z is given.
+
+    state_batch_indices (batch,) int: row b of x, dt, B, C, z reads and updates state[state_batch_indices[b]]
+    (continuous batching: state may hold more lines than x has rows); a negative index marks a padding row: its
+    output is 0 and no state is touched (as mamba_ssm). Its values are checked on the host (one device sync)."""
+    _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state_batch_indices is not None:
+        rows = (state_batch_indices >= 0).nonzero().squeeze(1)
+        lines = state_batch_indices[rows].long()
+        states = state[lines]  # a copy, written back below
+        out = x.new_zeros(x.shape)
+        out[rows] = selective_state_update(states, x[rows], dt[rows], A, B[rows], C[rows], D,
+                                           None if z is None else z[rows], dt_bias, dt_softplus)
+        state.index_copy_(0, lines, states)
+        return out
     heads = state.dim() == 4
     if not heads:  # one head: the same code path
         state_h = state.unsqueeze(1)

@@ -121,6 +121,7 @@ ALIAS_MODULES = {
     "causal_conv1d.causal_conv1d_interface": {
         "causal_conv1d_fn": causal_conv1d.causal_conv1d_fn, "causal_conv1d_update": causal_conv1d.causal_conv1d_update,
         "causal_conv1d_ref": causal_conv1d.causal_conv1d_ref},
+    "causal_conv1d.causal_conv1d_varlen": {"causal_conv1d_varlen_states": causal_conv1d.causal_conv1d_varlen_states},
 }
 
 

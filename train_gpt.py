@@ -5,9 +5,12 @@
     python train_gpt.py --preset=cpu --num_iterations=50 --run_name=try1   # any field of Hyperparameters
 
     python train_gpt.py --preset=cpu --runs=3 --seed=0                    # 3 seeds back to back, then stats
+    python train_gpt.py --preset=cpu_mamba2 --save_checkpoint=final       # Mamba2 LM (--mixer, --mixer_pattern)
+    python train_gpt.py --resume=records/RUN                              # continue a checkpointed run
+    python generate.py records/RUN --prompt "The devil is"                # complete text with its checkpoint
 
-Sections: 1 hyperparameters and command line; 2 Muon; 3 model (attention masks, FP8 head); 4 data;
-5 records; 6 training.
+Sections: 1 hyperparameters and command line; 2 Muon; 3 model (attention masks, FP8 head, MoT, Mamba mixers,
+one-token decoding); 4 data; 5 records and checkpoints; 6 training.
 """
 from __future__ import annotations
 
@@ -183,6 +186,7 @@ def parse_args(argv: list[str], cuda: bool) -> Hyperparameters:
             resumed = checkpoint_hyperparameters(load_checkpoint(pairs["resume"]))
         except CheckpointError as e:
             raise SystemExit(f"--resume: {e}")
+        resumed.pop("runs")  # a checkpoint is one run of a --runs series (its seed saved): resume that run only
     preset = pairs.get("preset", resumed.get("preset", "auto"))
     if preset == "auto":
         preset = "speedrun" if cuda else "cpu"

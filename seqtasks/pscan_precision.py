@@ -6,7 +6,8 @@
 For h_t = a_t h_{t-1} + b_t with Mamba-like decays a = exp(-softplus(z - shift)), z ~ N(0, 1) (shift 4: a
 near 0.98, long memory) and inputs b ~ N(0, 1), it runs in each dtype: the sequential loop, the log-space
 scan (seed 004's P-scan) and the linear-space doubling scan (kernels.selective_scan.pscan.parallel_scan),
-and reports max |h - h_ref| / max |h_ref| against the float64 loop over the same (rounded) inputs. Writes precision.{json,md,png}.
+and reports max |h - h_ref| / max |h_ref| against the float64 loop over the same (rounded) inputs.
+Writes precision.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def main(argv=None):
     keys = [k for k in rows[0] if k != "length"]
     md = ["| length | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     md += ["| " + " | ".join([str(r["length"])] + [f"{r[k]:.2e}" for k in keys]) + " |" for r in rows]
-    note = (f"max |h - h_ref| / max |h_ref| against a float64 sequential loop over the same rounded inputs; a = exp(-softplus(N(0,1) - "
+    note = (f"max |h - h_ref| / max |h_ref| against a float64 sequential loop over the same rounded inputs; "
+            f"a = exp(-softplus(N(0,1) - "
             f"{args.decay_shift:g})), b ~ N(0,1), 2 x {args.channels} channels")
     write_atomic(out / "precision.md", note + "\n\n" + "\n".join(md) + "\n")
     write_atomic(out / "precision.json", json.dumps(dict(

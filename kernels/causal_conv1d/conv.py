@@ -76,8 +76,7 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     final_states_out when given)."""
     width = _validate(x, weight, bias, seq_idx, initial_states, activation)
     batch, dim, L = x.shape
-    if final_states_out is not None:
-        check(return_final_states, "final_states_out is only written when return_final_states=True")
+    if return_final_states and final_states_out is not None:  # ignored otherwise, as in causal-conv1d
         check_tensor("final_states_out", final_states_out, (batch, dim, width - 1), FLOAT_DTYPES, x.device)
     cdtype = compute_dtype(x, weight, bias, initial_states)
     pad = initial_states if initial_states is not None else x.new_zeros(batch, dim, width - 1)

@@ -159,7 +159,7 @@ def plot(spec: dict, runs: dict[str, list[dict]], path: Path) -> None:
                                 alpha=0.15)
     for ax, key in zip(axes, ("mask error", "sample error")):
         ax.set_xlabel("step")
-        ax.set_ylabel(f"validation {key} % (mean; band min..max; 0 drawn at 1e-3)")
+        ax.set_ylabel(f"validation {key} %, mean (band: min..max)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
         if ax.lines:

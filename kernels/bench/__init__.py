@@ -36,8 +36,8 @@ PRESETS = {
     "cpu": dict(shapes=[(1, 256, 1024, 16), (4, 128, 256, 16)], ssd_shapes=[(1, 2048, 8, 32, 32, 1, 64)],
                 dtype="fp32", backends="torch,ref", repeat=3, docs=(0, 4)),
     # seconds on a CPU: the GPU check's dry run and the bench test
-    "tiny": dict(shapes=[(1, 16, 40, 4)], ssd_shapes=[(1, 40, 2, 8, 8, 1, 16)], dtype="fp32", backends="triton,torch,ref",
-                 repeat=1, docs=(0, 2)),
+    "tiny": dict(shapes=[(1, 16, 40, 4)], ssd_shapes=[(1, 40, 2, 8, 8, 1, 16)], dtype="fp32",
+                 backends="triton,torch,ref", repeat=1, docs=(0, 2)),
 }
 
 
@@ -135,9 +135,9 @@ def main(argv=None):
                 print_ssd_traffic(shape, dtype)
                 for docs in preset["docs"]:
                     r = bench_ssd(shape, dtype, device, backends, repeat, copy_gbs, docs, args.mamba_ssm_triton)
+                    documents = f"seq_idx with {docs} documents" if docs else "no seq_idx"
                     print_table(f"mamba_chunk_scan_combined (batch, L, heads, headdim, N, groups, chunk) = {shape}, "
-                                f"D, z, dt_bias, softplus, {f'seq_idx with {docs} documents' if docs else 'no seq_idx'}",
-                                r)
+                                f"D, z, dt_bias, softplus, {documents}", r)
                     rows += r
         rows = [dict(header, **r) for r in rows]
     if args.json:

@@ -256,7 +256,10 @@ def print_scaling(rows):
         Ls = [r["L"] for r in rs]
         kf = fitted_exponent(Ls, [r["fwd_ms"] for r in rs])
         trained = [r for r in rs if r["fwdbwd_ms"]]
-        kfb = fitted_exponent([r["L"] for r in trained], [r["fwdbwd_ms"] for r in trained]) if len(trained) > 1 else None
-        print(f"| {op} | {impl} | {', '.join(map(str, Ls))} | {_joined(rs, 'fwd_ms')} | {_joined(rs, 'fwdbwd_ms')} | {kf:.2f} | {'-' if kfb is None else format(kfb, '.2f')} |")
+        kfb = (fitted_exponent([r["L"] for r in trained], [r["fwdbwd_ms"] for r in trained]) if len(trained) > 1
+               else None)
+        kfb_text = "-" if kfb is None else format(kfb, ".2f")
+        print(f"| {op} | {impl} | {', '.join(map(str, Ls))} | {_joined(rs, 'fwd_ms')} | {_joined(rs, 'fwdbwd_ms')} | "
+              f"{kf:.2f} | {kfb_text} |")
         out.append(dict(op=op, impl=impl, lengths=Ls, k_fwd=kf, k_fwdbwd=kfb))
     return out

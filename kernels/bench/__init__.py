@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from . import common
 from .common import DTYPES, copy_bandwidth_gbs, print_table
 from .ops import bench_scan, bench_ssd
 from .traffic import print_ssd_traffic
@@ -71,7 +72,8 @@ def build_parser():
     ap.add_argument("--peer_ops", default="scan,ssd,mamba,mamba2",
                     help="--peers: which comparisons (comma-separated): ops scan, ssd; modules mamba, mamba2")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="--peers timing: wall time, or this process's CPU time (steadier on a shared machine)")
+                    help="CPU timing: wall time, or this process's CPU time (steadier on a shared machine; use with "
+                         "OMP_NUM_THREADS=1)")
     return ap
 
 
@@ -82,9 +84,7 @@ def device_name(device):
 
 
 def run_peers(args, header):
-    from . import peers
     from .peers import module_peer_rows, print_scaling, scan_peer_rows, ssd_peer_rows
-    peers.clock = peers.CLOCK[args.clock]
     lengths = args.peer_lengths or [64, 256, 1024, 4096, 16384]
     rounds = args.repeat or 3
     chosen = args.peer_ops.split(",")
@@ -112,8 +112,9 @@ def main(argv=None):
             print_ssd_traffic(shape, dtype)
         return []
     command = " ".join(["python -m kernels.bench"] + (sys.argv[1:] if argv is None else list(argv)))
+    common.clock = common.CLOCKS[args.clock]
     header = dict(device=device_name(device), torch=torch.__version__, command=command,
-                  clock=args.clock if args.peers else "wall")
+                  clock="cuda events" if device.type == "cuda" else args.clock)
     if args.peers:
         rows = run_peers(args, header)
     else:

@@ -26,8 +26,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# CPU timings: wall time, or this process's CPU time ("cpu": steadier when other processes share the
+# machine; meaningful with one torch thread). CUDA always uses events.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def time_ms(fn, device, repeat: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in ms. CUDA: triton's do_bench (events, cache flush) when available."""
+    """Median time of fn() in ms (`clock` on CPU). CUDA: triton's do_bench (events, cache flush)."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -39,10 +45,10 @@ def time_ms(fn, device, repeat: int, warmup: int = 1) -> float:
     sync(device)
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
         sync(device)
-        times.append(1000 * (time.perf_counter() - t))
+        times.append(1000 * (clock() - t))
     return statistics.median(times)
 
 

@@ -14,33 +14,28 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from .. import mamba_chunk_scan_combined, selective_scan_fn
 from ..ssd.reference import ssd_minimal_discrete
+from . import common
 from .common import print_table, rel_err, saved_for_backward_mib
 from .ops import mambapy_scan, scan_inputs
 
 
-CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = CLOCK["wall"]
-
-
 def interleaved_ms(fns: dict, rounds: int) -> dict:
-    """Median ms per candidate, one call of each per round (after one warm-up call each). Timed with
-    `clock`: wall time, or this process's CPU time ("cpu": robust to other processes on a shared machine
-    when torch runs one thread)."""
+    """Median ms per candidate, one call of each per round (after one warm-up call each), timed with
+    common.clock (wall or this process's CPU time)."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t = clock()
+            t = common.clock()
             fn()
-            times[k].append(1000 * (clock() - t))
+            times[k].append(1000 * (common.clock() - t))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -70,6 +70,8 @@ def bench_scan(shape, dtype, device, backends, repeat, copy_gbs, max_peer_elems=
         row = dict(base, impl=name)
         if name in ("ref", "mambapy") and elems > max_peer_elems:
             row["skipped"] = f"batch*dim*L*N > {max_peer_elems:.0e} (slow or huge)"
+        elif name == "torch" and device.type == "cuda" and elems > max_ref_elems:
+            row["skipped"] = f"batch*dim*L*N > {max_ref_elems:.0e}: the torch path is launch-bound on a GPU here"
         else:
             try:
                 row.update(measure(impl, inp, SCAN_GRADS, device, repeat, reference))

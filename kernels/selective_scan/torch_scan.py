@@ -31,7 +31,8 @@ from .reference import discretize
 # elements of one (batch, dim, S, N) work tensor per segment (forward; the bilinear backward holds ~8)
 SEGMENT_BUDGET = 1 << 22
 # elements of one (batch, dim, piece, N) tensor in the hand-written backward: ~6 live at once; measured
-# fastest near 1 MiB on a 2-core x86 machine (fits in cache; 4x larger pieces were 1.3-1.6x slower)
+# fastest near 1 MiB on a 2-core x86 machine (fits in cache; 4x larger pieces were 1.3-1.6x slower). CPU only:
+# on a GPU, pieces as long as the segments (fewer kernel launches)
 BACKWARD_BUDGET = 1 << 18
 
 
@@ -377,7 +378,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
                     bb, _sl(lay.keep, s, e))
         # the backward works on shorter pieces than the forward (its (b, dim, piece, N) tensors stay in
         # cache); each forward segment's piece start states are recomputed by a no-grad forward
-        piece = max(1, min(S, BACKWARD_BUDGET // max(1, lay.batch * lay.dim * lay.N)))
+        piece = S if u.is_cuda else max(1, min(S, BACKWARD_BUDGET // max(1, lay.batch * lay.dim * lay.N)))
         pieces = []
         for i, s in enumerate(range(0, lay.L, S)):
             h = starts[i]

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ._utils import resolve_backend
 from .selective_scan.interface import selective_scan_fn, validate_selective_scan
-from .ssd.interface import mamba_chunk_scan_combined, validate_ssd
+from .ssd.interface import (mamba_chunk_scan_combined, validate_ssd, validate_varlen, varlen_states,
+                            with_varlen_states)
 
 # a namespace of our own: mamba_ssm registers ops too, and both packages may be imported in one process
 NAMESPACE = "nanogpt_mamba"
@@ -228,8 +229,16 @@ ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
 
 
 def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
-                 dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, backend=None):
-    """mamba_chunk_scan_combined (same signature, results and gradients) as one graph node under torch.compile."""
+                 cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
+                 return_varlen_states=False, state_dtype=None, *, backend=None):
+    """mamba_chunk_scan_combined (same signature, results and gradients) as one graph node under torch.compile.
+    The varlen states are plain torch ops outside the node; reading cu_seqlens on the host breaks the graph
+    there (only when return_varlen_states is set)."""
+    bounds = validate_varlen(x, cu_seqlens, return_varlen_states, state_dtype)
     y, final = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, bool(dt_softplus),
                        [float(v) for v in dt_limit], backend)
-    return (y, final) if return_final_states else y
+    res = (y, final) if return_final_states else y
+    if not return_varlen_states:
+        return res
+    varlen = varlen_states(x, dt, A, B, bounds, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit)
+    return with_varlen_states(res, varlen, C, state_dtype)

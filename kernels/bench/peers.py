@@ -190,7 +190,7 @@ def module_pairs(kind, d_model):
     return ours, peers, reference.double()
 
 
-def module_peer_rows(kind, d_models, lengths, rounds, loop_train_max_len=1024):
+def module_peer_rows(kind, d_models, lengths, rounds, loop_train_max_len=256):
     rows = []
     for d_model in d_models:
         pairs = module_pairs(kind, d_model)
@@ -212,7 +212,7 @@ def module_peer_rows(kind, d_models, lengths, rounds, loop_train_max_len=1024):
                     m.zero_grad(set_to_none=True)
                 return run
             # transformers' sequential loop indexes the time axis inside autograd: its backward is quadratic
-            # in L (32 s at d_model 256, L 1024 here), so it is trained only up to loop_train_max_len
+            # in L (33 s per step at d_model 256, L 1024 here), so it is trained only up to loop_train_max_len
             trained = {k: m for k, m in modules.items() if "loop" not in k or L <= loop_train_max_len}
             fb = interleaved_ms({k: train_step(m) for k, m in trained.items()}, rounds)
             case = []

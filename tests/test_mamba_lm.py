@@ -44,13 +44,16 @@ def packed(T=64, doc_starts=(0, 30), seed=0):
     return seq
 
 
-@pytest.mark.parametrize("kind", MIXERS)
+MOT_HYBRID = dict(MIXERS["hybrid"], mot="cross+mamba2", char_dim=16, char_heads=2, cross_heads=2, chars_per_token=4)
+
+
+@pytest.mark.parametrize("kind", [*MIXERS, "hybrid+mot"])
 def test_decoding_one_token_at_a_time_equals_the_full_forward(kind):
     """Two documents, windows that bind: the KV cache (window, document) and the Mamba caches (reset at EOT)
     reproduce every position's logits. Tolerance: the full forward runs the chunked scan, decoding the
     per-token recurrence, both fp32; their differences (~1e-5 relative per layer) pass through 6 layers of
     random 0.5-scale weights to logits of magnitude ~30 (softcap): 1e-3 absolute is ~3e-5 relative."""
-    a = args(**MIXERS[kind])
+    a = args(**(MOT_HYBRID if kind == "hybrid+mot" else MIXERS[kind]))  # MoT: the char Mamba2 recomputed per step
     model = random_model(a)
     seq = packed()
     window = torch.tensor(tg.window_blocks_at(a.num_iterations, a), dtype=torch.int32)

@@ -219,9 +219,11 @@ def test_patched_model_isolates_packed_sequences(version):
     alone_grads = torch.autograd.grad((alone[0] * weight[:, :5]).sum() + (alone[1] * weight[:, 5:]).sum(), params,
                                       allow_unused=True)
     assert sum(g is not None for g in packed_grads) >= 7  # at least one mixer's parameters and the embedding
+    # parameter gradients sum over the tokens in another order packed than alone (and per thread count): fp32
+    # rounding measured up to 1.6e-5 absolute (1.6e-4 relative on one small element) with 2 threads
     for packed_grad, alone_grad in zip(packed_grads, alone_grads):
         if packed_grad is not None:
-            torch.testing.assert_close(packed_grad, alone_grad, **TOL)
+            torch.testing.assert_close(packed_grad, alone_grad, rtol=1e-4, atol=1e-4)
 
 
 def test_patched_model_rejects_padding_and_models_without_mixers():

@@ -93,7 +93,8 @@ def test_sdpa_batches_above_the_grid_limit_are_split(monkeypatch):
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(tg.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a[0].size(0)) or real(*a, **kw))
-    assert torch.equal(tg.batched_sdpa(q, k, v, mask), whole)
+    # same maths per token; the CPU kernel may block a smaller batch differently (last-bit fp32 rounding)
+    torch.testing.assert_close(tg.batched_sdpa(q, k, v, mask), whole, rtol=1e-6, atol=1e-6)
     assert calls == [7, 7, 6]
 
 

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.selective_scan.pscan import parallel_scan
-
-DISCRETIZATIONS = ("zoh", "zoh_exact", "bilinear")
+from kernels.selective_scan.reference import DISCRETIZATIONS, discretize
 
 
 def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -135,21 +134,6 @@ class EncDecTransformer(nn.Module):
         return self.head(self.transformer(h, h))
 
 
-def discretize(dt, A, method):
-    """(decay, input coefficient) for dt (..., D, 1) and A (D, N): zoh = exp(dt A) and dt (Mamba's
-    approximate ZOH: Euler on B); zoh_exact = exp(dt A) and (exp(dt A) - 1) / A (exact ZOH for diagonal A,
-    Mamba paper eq. 4); bilinear = (1 + dt A / 2) / (1 - dt A / 2) and dt / (1 - dt A / 2) (S4)."""
-    x = dt * A
-    if method == "zoh":
-        return torch.exp(x), dt.expand_as(x)
-    if method == "zoh_exact":  # expm1(x) / x * dt, so small dt A loses nothing to cancellation
-        return torch.exp(x), torch.expm1(x) / A
-    if method == "bilinear":
-        denom = 1 - x / 2
-        return (1 + x / 2) / denom, dt / denom
-    raise ValueError(f"discretization must be one of {', '.join(DISCRETIZATIONS)}, got {method!r}")
-
-
 class ScanMambaBlock(nn.Module):
     """Mamba (version 1) in plain torch: in_proj, causal depthwise conv, input-dependent dt, B, C, the
     selective scan by kernels.selective_scan.pscan.parallel_scan, D skip, SiLU gate, out_proj."""
@@ -194,11 +178,12 @@ class MambaText(nn.Module):
         self.embed = nn.Embedding(256, ch)
         if version == "scan":
             make = lambda: ScanMambaBlock(ch, d_state, expand, discretization=discretization)  # noqa: E731
-        elif discretization != "zoh":
-            raise ValueError(f"discretization {discretization!r} needs model 'scan_mamba'; kernels.Mamba/Mamba2 "
-                             f"take no discretization argument (approximate ZOH only)")
         elif version == 1:
-            make = lambda: kernels.Mamba(ch, d_state=d_state, expand=expand, backend=backend)  # noqa: E731
+            make = lambda: kernels.Mamba(ch, d_state=d_state, expand=expand, backend=backend,  # noqa: E731
+                                         discretization=discretization)
+        elif discretization != "zoh":
+            raise ValueError(f"discretization {discretization!r} needs model 'mamba' or 'scan_mamba'; Mamba2's SSD "
+                             f"is defined with its own (approximate ZOH) discretization only")
         else:
             make = lambda: kernels.Mamba2(ch, d_state=d_state, expand=expand, headdim=headdim,  # noqa: E731
                                           chunk_size=chunk_size, backend=backend)

@@ -5,6 +5,8 @@ import random
 import pytest
 import torch
 
+import kernels
+
 from seqtasks.models import build_model, linear_attention
 from seqtasks.run import PRESETS, Config, main as run_main, train
 from seqtasks.tasks import (Dataset, PigLatin, SelectiveCopy, VerySelectiveCopy, encode, parse_program, pig_latin,
@@ -351,4 +353,6 @@ def test_exact_zoh_matches_the_matrix_exponential():
     with pytest.raises(ValueError, match="discretization"):
         build_model("scan_mamba", ch=8, layers=1, discretization="euler")
     with pytest.raises(ValueError, match="scan_mamba"):
-        build_model("mamba", ch=8, layers=1, discretization="bilinear")
+        build_model("mamba2", ch=8, layers=1, discretization="bilinear")
+    mamba = build_model("mamba", ch=8, layers=1, discretization="zoh_exact")  # kernels.Mamba takes it through
+    assert all(block.discretization == "zoh_exact" for block in mamba.modules() if isinstance(block, kernels.Mamba))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .._utils import FLOAT_DTYPES, check, check_tensor
 from ..causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..selective_scan import selective_scan_fn
+from ..selective_scan.reference import DISCRETIZATIONS
 from ..state_update import selective_state_update
 
 MAX_CONV_WIDTH = 8  # causal_conv1d_fn's limit
@@ -86,10 +87,12 @@ def init_dt_bias(d_inner, dt_min, dt_max, dt_init_floor, device=None):
 class Mamba(CachedStates, nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 use_fast_path=True, layer_idx=None, device=None, dtype=None, backend=None):
+                 use_fast_path=True, layer_idx=None, device=None, dtype=None, backend=None, discretization="zoh"):
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         check(dt_init in ("constant", "random"), f"dt_init must be 'constant' or 'random', got {dt_init!r}")
+        check(discretization in DISCRETIZATIONS,
+              f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}")
         check_block_args(d_model, d_state, d_conv, expand, dt_min, dt_max, dt_init_floor)
         check(dt_rank == "auto" or (is_int(dt_rank) and dt_rank >= 1),
               f"dt_rank must be 'auto' or an integer >= 1, got {dt_rank!r}")
@@ -99,6 +102,7 @@ class Mamba(CachedStates, nn.Module):
         self.use_fast_path = use_fast_path  # accepted for compatibility; the ops are always the fast ones here
         self.layer_idx = layer_idx
         self.backend = backend
+        self.discretization = discretization  # "zoh" is Mamba's; the others are torch/ref-backend options (seed 004)
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, bias=conv_bias, kernel_size=d_conv, groups=self.d_inner,
                                 padding=d_conv - 1, **factory)
@@ -124,6 +128,8 @@ class Mamba(CachedStates, nn.Module):
     def forward(self, hidden_states, inference_params=None, seq_idx=None):
         """hidden_states: (batch, L, d_model); seq_idx: (batch, L) int, no state crosses a change."""
         check_sequence("hidden_states", hidden_states, self.d_model)
+        check(inference_params is None or self.discretization == "zoh",
+              f"step decoding (inference_params) supports discretization='zoh' only, got {self.discretization!r}")
         conv_state, ssm_state, out = self._cached_or_step(inference_params, hidden_states)
         if out is not None:
             return out
@@ -140,7 +146,7 @@ class Mamba(CachedStates, nn.Module):
         C = C.transpose(1, 2).contiguous()
         y = selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                               delta_softplus=True, return_last_state=ssm_state is not None, seq_idx=seq_idx,
-                              backend=self.backend)
+                              discretization=self.discretization, backend=self.backend)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)

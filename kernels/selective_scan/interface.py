@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import FLOAT_DTYPES, check, check_tensor, resolve_backend
-from .reference import selective_scan_ref
+from .reference import DISCRETIZATIONS, selective_scan_ref
 from .torch_scan import selective_scan_torch
 
 MAX_DSTATE = 256
@@ -44,9 +44,9 @@ def validate_selective_scan(u, delta, A, B, C, D, z, delta_bias, seq_idx, discre
     check_tensor("delta_bias", delta_bias, (dim,), (torch.float32, torch.float64), dev, optional=True)
     if seq_idx is not None:
         check_tensor("seq_idx", seq_idx, (batch, L), (torch.int32, torch.int64), dev)
-    check(discretization in ("zoh", "bilinear"), f"discretization must be 'zoh' or 'bilinear', got {discretization!r}")
+    check(discretization in DISCRETIZATIONS, f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}")
     if backend == "triton":
-        check(discretization == "zoh", "discretization='bilinear' is available in the torch and ref backends only")
+        check(discretization == "zoh", f"discretization={discretization!r} is available in the torch and ref backends only")
         check(u.dtype != torch.float64, "the triton backend takes float16/bfloat16/float32 u; use backend='torch' "
                                         "or 'ref' for float64")
 
@@ -87,7 +87,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     delta <- softplus(delta + delta_bias) (identity above 20);
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = C_t . h_t + D u_t;  out = y * silu(z).
     seq_idx (batch, L) int: the state resets where it changes (packed documents).
-    discretization: "zoh" (Mamba) or "bilinear" (torch/ref backends).
+    discretization: "zoh" (Mamba), "zoh_exact" or "bilinear" (torch/ref backends).
     Returns out (u's dtype), and the fp32 last state (batch, dim, N) if return_last_state.
     """
     if torch.compiler.is_compiling():  # one opaque graph node under torch.compile (kernels/compile_ops.py)

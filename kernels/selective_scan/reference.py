@@ -9,15 +9,24 @@ import torch
 import torch.nn.functional as F
 
 
+DISCRETIZATIONS = ("zoh", "zoh_exact", "bilinear")
+
+
 def discretize(dt: torch.Tensor, A: torch.Tensor, discretization: str):
     """(decay, input coefficient) for dt (..., 1) and A (..., N).
     zoh: exp(dt A) and dt (zero-order hold on A, Euler step on B, as in Mamba);
+    zoh_exact: exp(dt A) and (exp(dt A) - 1) / A (exact ZOH for diagonal A, Mamba paper eq. 4; expm1 so a
+    small dt A loses nothing to cancellation; A must be nonzero, as every Mamba A = -exp(A_log) is);
     bilinear: (1 + dt A / 2) / (1 - dt A / 2) and dt / (1 - dt A / 2) (Tustin, as in S4)."""
     x = dt * A
     if discretization == "zoh":
         return torch.exp(x), dt.expand_as(x)
-    denom = 1 - x / 2
-    return (1 + x / 2) / denom, dt / denom
+    if discretization == "zoh_exact":
+        return torch.exp(x), torch.expm1(x) / A
+    if discretization == "bilinear":
+        denom = 1 - x / 2
+        return (1 + x / 2) / denom, dt / denom
+    raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}")
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

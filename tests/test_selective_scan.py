@@ -311,38 +311,32 @@ def test_torch_path_spans_several_segments(monkeypatch):
     check_case("torch", inp, seq, True, True, torch.float32, 1e-5)
 
 
+def exact_zoh_oracle(u, delta, A, B, C):
+    """x_t = exp(dt A) x_{t-1} + (exp(dt A) - 1) / A * B_t u_t (softplus dt; B, C: (batch, 1, N, L)), float64."""
+    dt = torch.nn.functional.softplus(delta.double())
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64)
+    ys = []
+    for t in range(u.shape[-1]):
+        dA = dt[..., t, None] * A.double()
+        h = torch.exp(dA) * h + torch.expm1(dA) / A.double() * B[:, :, :, t].double() * u[..., t, None].double()
+        ys.append((h * C[:, :, :, t].double()).sum(-1))
+    return torch.stack(ys, -1)
+
+
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh_exact"])
 @pytest.mark.parametrize("backend", ["torch", "ref"])
-def test_bilinear_discretization(backend):
+def test_other_discretizations(backend, discretization):
     inp, _ = make_inputs(2, 4, 30, 4, "var4", 1, D=False, z=False, bias=False, dtype=torch.float64, seed=2)
     xs = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
     out = selective_scan_fn(xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], delta_softplus=True,
-                            discretization="bilinear", backend=backend)
-    ref, _ = oracle(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], softplus=True, bilinear=True)
+                            discretization=discretization, backend=backend)
+    if discretization == "bilinear":
+        ref, _ = oracle(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], softplus=True, bilinear=True)
+    else:
+        ref = exact_zoh_oracle(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
     assert rel(out, ref) < 1e-12
     zoh = selective_scan_fn(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], delta_softplus=True, backend=backend)
     assert rel(zoh, ref) > 1e-3  # the option really changes the model
-    out.sum().backward()
-    assert all(torch.isfinite(x.grad).all() for x in xs.values())
-
-
-@pytest.mark.parametrize("backend", ["torch", "ref"])
-def test_exact_zoh_discretization(backend):
-    """x_t = exp(dt A) x_{t-1} + (exp(dt A) - 1) / A * B_t u_t, against a float64 loop written here."""
-    inp, _ = make_inputs(2, 4, 30, 4, "var4", 1, D=False, z=False, bias=False, dtype=torch.float64, seed=3)
-    xs = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
-    out = selective_scan_fn(xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], delta_softplus=True,
-                            discretization="zoh_exact", backend=backend)
-    u, A, B, C = inp["u"], inp["A"], inp["B"], inp["C"]  # B, C: (batch, 1 group, N, L)
-    dt = torch.nn.functional.softplus(inp["delta"])
-    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64)
-    ys = []
-    for t in range(u.shape[-1]):
-        dA = dt[..., t, None] * A
-        h = torch.exp(dA) * h + torch.expm1(dA) / A * B[:, :, :, t] * u[..., t, None]
-        ys.append((h * C[:, :, :, t]).sum(-1))
-    assert rel(out, torch.stack(ys, -1)) < 1e-12
-    zoh = selective_scan_fn(u, inp["delta"], A, B, C, delta_softplus=True, backend=backend)
-    assert rel(zoh, out) > 1e-3  # the option really changes the model
     out.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in xs.values())
 

@@ -330,15 +330,19 @@ def test_other_discretizations(backend, discretization):
     xs = {k: v.clone().requires_grad_() for k, v in inp.items() if v is not None}
     out = selective_scan_fn(xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], delta_softplus=True,
                             discretization=discretization, backend=backend)
+    rs = {k: v.detach().double().requires_grad_() for k, v in xs.items()}
     if discretization == "bilinear":
-        ref, _ = oracle(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], softplus=True, bilinear=True)
+        ref, _ = oracle(rs["u"], rs["delta"], rs["A"], rs["B"], rs["C"], softplus=True, bilinear=True)
     else:
-        ref = exact_zoh_oracle(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
+        ref = exact_zoh_oracle(rs["u"], rs["delta"], rs["A"], rs["B"], rs["C"])
     assert rel(out, ref) < 1e-12
     zoh = selective_scan_fn(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], delta_softplus=True, backend=backend)
     assert rel(zoh, ref) > 1e-3  # the option really changes the model
-    out.sum().backward()
-    assert all(torch.isfinite(x.grad).all() for x in xs.values())
+    weight = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    grads = torch.autograd.grad((out * weight).sum(), list(xs.values()))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), list(rs.values()))
+    for name, g, r in zip(xs, grads, ref_grads):  # float64 maths; A stays fp32 (as upstream), so dA is rounded to fp32
+        assert rel(g, r) < (1e-6 if name == "A" else 1e-10), name
 
 
 # ------------------------------------------------------------------ packed documents

@@ -17,7 +17,7 @@ that runs out is killed and reported as cut, the next one starts):
                 peak memory, warm-up (compile) time
   suite         the whole test suite once (GPU only; the dry run is itself part of the suite)
 
-Writes a new folder records/gpu/<date>_<device>/ (never overwrites; --out_root picks the parent): one JSON
+Writes a new folder records/gpu/<date>-<time>_<device>/ (never overwrites; --out_root picks the parent): one JSON
 per stage, summary.md (the tables) and console.log; at most 8 files, so that a device call can return it
 whole through $OUT. --dry-run writes under a temporary folder unless --out_root is given.
 """
@@ -468,7 +468,7 @@ def write_outputs(check: Check, name: str):
 
 
 def new_run_dir(root: Path, device: str) -> Path:
-    """records/gpu/<date>_<device>[_N]: never reuses a folder (seqtasks' atomic-mkdir helper)."""
+    """records/gpu/<date>-<time>_<device>[_N]: never reuses a folder (seqtasks' atomic-mkdir helper)."""
     from seqtasks.run import new_run_dir as fresh_dir
     return fresh_dir(root, re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"))
 

@@ -162,7 +162,11 @@ def compile_one(job, arch: int) -> dict:
     try:
         src = ASTSource(spec["fn"], dict(spec["signature"]), constexprs=dict(spec["constexprs"]),
                         attrs=divisibility_attrs(make_backend(target), spec))
-        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints the ptxas -v log here
+        # a cache of its own per compile: two specs that lower to the same kernel (a constexpr the kernel
+        # ignores) would otherwise hit the cache, skip ptxas and leave no log to read
+        with tempfile.TemporaryDirectory(prefix="compile_check_cache_") as cache_dir, \
+                contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints the ptxas -v log here
+            os.environ["TRITON_CACHE_DIR"] = cache_dir
             kernel = triton.compile(src, target=target,
                                     options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
     except Exception as e:  # noqa: BLE001 - report every kernel, then fail
@@ -184,24 +188,22 @@ def compile_one(job, arch: int) -> dict:
     return result
 
 
-def init_worker(cache_dir: str):
-    os.environ["TRITON_CACHE_DIR"] = cache_dir
+def init_worker():
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's launch-time default; silences 3.9's warning
 
 
 def run_jobs(jobs, arch: int, workers: int):
-    """Yield results as compiles finish, in a spawned process pool with a fresh temporary Triton cache."""
-    with tempfile.TemporaryDirectory(prefix="compile_check_cache_") as cache_dir:
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn"),
-                                 initializer=init_worker, initargs=(cache_dir,)) as pool:
-            futures = [pool.submit(compile_one, job, arch) for job in jobs]
-            for fut, job in zip(futures, jobs):
-                try:
-                    yield fut.result()
-                except Exception as e:  # noqa: BLE001 - a crashed worker fails its job, not the report
-                    yield dict(module=job[0], name=job[2], ok=False, error=f"worker failed: {type(e).__name__}: {e}")
+    """Yield results as compiles finish, in a spawned process pool (each compile with a fresh Triton cache)."""
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn"),
+                             initializer=init_worker) as pool:
+        futures = [pool.submit(compile_one, job, arch) for job in jobs]
+        for fut, job in zip(futures, jobs):
+            try:
+                yield fut.result()
+            except Exception as e:  # noqa: BLE001 - a crashed worker fails its job, not the report
+                yield dict(module=job[0], name=job[2], ok=False, error=f"worker failed: {type(e).__name__}: {e}")
 
 
 def fmt(v) -> str:

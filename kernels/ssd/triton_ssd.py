@@ -604,6 +604,11 @@ def _ssd_dt_bwd(dt_ptr, A_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, dcs_ptr, dcsk
 
 # ------------------------------------------------------------------ block sizes
 
+def _dt_bwd_warps(Q):
+    """Two steps per thread: with one (Q = 32 x warps) ptxas (sm_90, bf16, all features) spills 4 bytes."""
+    return max(1, Q // 64)
+
+
 def _pow2(v):
     return max(16, triton.next_power_of_2(v))
 
@@ -760,7 +765,7 @@ class _SSD(torch.autograd.Function):
             dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, cs, dcs, dcsk, gw, ddecay, ddtx, ddt, dA_part,
             dbias_part, L, H, Lp, NC, J, n_blk, *dt.stride(), lo, hi if has_limit else 0.0,
             Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, HAS_LIMIT=has_limit, HAS_SEQ=has_seq,
-            num_warps=4, num_stages=1)
+            num_warps=_dt_bwd_warps(Q), num_stages=1)
         dA = dA_part.view(batch, H).sum(0).to(A.dtype)
         dD = None
         if D is not None:
@@ -839,7 +844,8 @@ def compile_specs(headdims=(64, 128), dstates=(64, 128, 256), dtypes=(torch.bflo
                     for N in dstates:
                         for q in (chunk_sizes if cfg_name is None else (None,)):
                             if cfg_name is None:
-                                const, launch = dict(Q=q), dict(num_warps=4, num_stages=1)
+                                warps = _dt_bwd_warps(q) if fn is _ssd_dt_bwd else 4
+                                const, launch = dict(Q=q), dict(num_warps=warps, num_stages=1)
                             else:
                                 const = dict(block_config(cfg_name, P, N, dtype))
                                 launch = dict(num_warps=const.pop("num_warps"), num_stages=const.pop("num_stages"))

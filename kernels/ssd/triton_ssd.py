@@ -105,6 +105,13 @@ def _as_operand(v, dot_ty: tl.constexpr):
 
 
 @triton.jit
+def _group_rows(M_ptr, b, t64, g, n, rows_mask, cols_mask, s_b, s_l, s_g, s_n, dot_ty: tl.constexpr):
+    """Rows t, columns n of group g's B or C (batch, L, groups, N), as a dot operand; 0 outside the masks."""
+    return _as_operand(tl.load(M_ptr + b * s_b + t64[:, None] * s_l + g * s_g + n[None, :] * s_n,
+                               mask=rows_mask[:, None] & cols_mask[None, :], other=0.0), dot_ty)
+
+
+@triton.jit
 def _own_off(b, t64, h, p, L, H, P):
     """Offsets into a buffer this module allocates contiguous with shape (batch, L, H, P) (out, y before
     the gate, dx, dz) or (batch, L, G, N) (dB, dC)."""
@@ -193,8 +200,7 @@ def _ssd_state_fwd(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, h0_ptr, hin_ptr, fina
             s64 = s.to(tl.int64)
             x = tl.load(x_ptr + b * sx_b + s64[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
                         mask=sm[:, None] & (p[None, :] < P), other=0.0)
-            Bs = _as_operand(tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
-                                     mask=sm[:, None] & (n[None, :] < N), other=0.0), dot_ty)
+            Bs = _group_rows(B_ptr, b, s64, g, n, sm, n < N, sb_b, sb_l, sb_g, sb_n, dot_ty)
             keep = sm & (_seq_at(seq_ptr, b, s, L, HAS_SEQ) == seq_end)
             cs = tl.load(cs_ptr + row * Lp + s)
             w = tl.exp(tl.where(keep, cs_end - cs, 0.0)) * tl.load(dtp_ptr + row * Lp + s)
@@ -343,8 +349,7 @@ def _ssd_state_bwd(dy_ptr, C_ptr, cs_ptr, seq_ptr, hin_ptr, dfinal_ptr, dS_ptr, 
             t64 = t.to(tl.int64)
             dy = tl.load(dy_ptr + b * sy_b + t64[:, None] * sy_l + h * sy_h + p[None, :] * sy_p,
                          mask=tm[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)
-            Ct = _as_operand(tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
-                                     mask=tm[:, None] & (n[None, :] < N), other=0.0), dot_ty)
+            Ct = _group_rows(C_ptr, b, t64, g, n, tm, n < N, sc_b, sc_l, sc_g, sc_n, dot_ty)
             into = tm & (_seq_at(seq_ptr, b, t, L, HAS_SEQ) == seq_in)
             w_in = tl.exp(tl.where(into, tl.load(cs_ptr + row * Lp + t), 0.0))
             dyw = _as_operand(tl.where(into[:, None], dy * w_in[:, None], 0.0), dot_ty)
@@ -458,8 +463,7 @@ def _ssd_chunk_bwd_db(x_ptr, dy_ptr, C_ptr, dtp_ptr, cs_ptr, seq_ptr, dS_ptr, dB
             t = t0 + tl.arange(0, BS)
             tm = t < L
             t64 = t.to(tl.int64)
-            Ct = _as_operand(tl.load(C_ptr + b * sc_b + t64[:, None] * sc_l + g * sc_g + n[None, :] * sc_n,
-                                     mask=tm[:, None] & nm[None, :], other=0.0), dot_ty)
+            Ct = _group_rows(C_ptr, b, t64, g, n, tm, nm, sc_b, sc_l, sc_g, sc_n, dot_ty)
             decay = _causal_decay_keys(s, t, cs_s, tl.load(cs_ptr + row * Lp + t), seq_s,
                                        _seq_at(seq_ptr, b, t, L, HAS_SEQ), L)
             xdy = _rowdot(x_ptr, x_rows, sm, sx_p, dy_ptr, b * sy_b + t64 * sy_l + h * sy_h, tm, sy_p, P,
@@ -494,8 +498,7 @@ def _ssd_chunk_bwd_dc(x_ptr, dy_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, hin_ptr, d
             s = s0 + tl.arange(0, BT)
             sm = s < L
             s64 = s.to(tl.int64)
-            Bs = _as_operand(tl.load(B_ptr + b * sb_b + s64[:, None] * sb_l + g * sb_g + n[None, :] * sb_n,
-                                     mask=sm[:, None] & nm[None, :], other=0.0), dot_ty)
+            Bs = _group_rows(B_ptr, b, s64, g, n, sm, nm, sb_b, sb_l, sb_g, sb_n, dot_ty)
             decay = _causal_decay(t, s, cs_t, tl.load(cs_ptr + row * Lp + s), seq_t,
                                   _seq_at(seq_ptr, b, s, L, HAS_SEQ), L)
             dyx = _rowdot(dy_ptr, dy_rows, tm, sy_p, x_ptr, b * sx_b + s64 * sx_l + h * sx_h, sm, sx_p, P,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import process_dt
+from .torch_ssd_fast import ssd_core
 
 
 def _segsum(dA: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _segsum(dA: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(expanded, dim=-2)
 
 
-def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+def _ssd_torch_autograd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
               dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     batch, L, H, P = x.shape
@@ -107,4 +108,26 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     y = y.to(x.dtype)
     if return_final_states:
         return y, h.reshape(batch, H, P, N)
+    return y
+
+
+def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+              dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+    """Same arguments and results as _ssd_torch_autograd; the core runs as torch_ssd_fast.SSDCore (blocks of
+    chunks, hand-written backward); dt's processing, D and z stay in autograd."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    L = x.shape[1]
+    Q = min(chunk_size, L)
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
+    xw = x.to(work)
+    h0 = initial_states.to(work) if initial_states is not None else None
+    y, h = ssd_core(xw, dt, A.to(work), B.to(work), C.to(work), h0, seq_idx, Q)
+    if D is not None:
+        Dw = D.to(work)
+        y = y + (Dw[:, None] if Dw.dim() == 1 else Dw) * xw
+    if z is not None:
+        y = y * F.silu(z.to(work))
+    y = y.to(x.dtype)
+    if return_final_states:
+        return y, h
     return y

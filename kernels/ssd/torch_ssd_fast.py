@@ -1,0 +1,216 @@
+"""The chunked SSD core as one autograd.Function with a hand-written backward, walked in blocks of chunks.
+
+Core: x (b, L, H, P), dt (b, L, H) (already processed), A (H,), B, C (b, L, G, N), all in the work dtype
+(fp32, or fp64); optional h0 (b, H, P, N) and seq (b, L) document ids. Returns y (b, L, H, P) and the final
+state (b, H, P, N); D, z and dt's processing stay outside (autograd, elementwise).
+
+Per chunk of Q steps (one head; a = dt A, cs = cumsum(a) inside the chunk, Lm[t, s] = exp(a_{s+1} + ... + a_t)
+for s <= t of the same document, else 0; e = exp(cs); w = Lm[Q-1]; cd = e[Q-1]):
+    y = (Lm o C B^T) (dt x) + mask_in o (e C) h_in^T,      h_out = (dt x)^T (w B) + cd * keep(h_in)
+Backward, chunks in reverse, g = dL/dh_out carried like the forward state:
+    dL/dh_in = cd * keep(g) + dy_in^T (e C)        (dy_in = mask_in o dy)
+and everything else is batched matmuls given g and h_in; the decay gradients reach a through
+dcs = rowsum(G) - colsum(G) + e o de (+ cd dcd at the end), G = Lm o dLm, and da = reverse cumsum(dcs).
+
+The sequence is processed in blocks of whole chunks sized so that every temporary stays a few MiB
+(reused heap memory instead of fresh page-faulting mmap blocks at long L), carrying the state between
+blocks. Saved for backward: the inputs and each chunk's incoming state; Lm and C B^T are recomputed.
+NaN isolation across documents as in torch_ssd.py: the carried state is dropped with a select (forward and
+the state gradient in backward), and the incoming state reaches only its own document's rows through a select.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_BYTES = 2 << 20  # target size of the largest per-block temporary
+
+
+def block_chunks(b, H, Q, P, N, elt, nc):
+    per_chunk = b * H * Q * max(Q, P, N) * elt
+    return max(1, min(nc, BLOCK_BYTES // per_chunk))
+
+
+def _pad_rows(t, n_to):
+    """t (b, n, ...) -> (b, n_to, ...) with zeros after."""
+    n = t.shape[1]
+    if n == n_to:
+        return t
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, n_to - n))
+
+
+class _Block:
+    """Per-block quantities shared by forward and backward."""
+
+    def __init__(self, x, dt, A, B, C, seq, t0, t1, Q, G, R, seq_prev, masks):
+        b, _, H, P = x.shape
+        N = B.shape[-1]
+        n = t1 - t0
+        kb = -(-n // Q)
+        T = kb * Q
+        self.n, self.kb, self.T = n, kb, T
+        xb = _pad_rows(x[:, t0:t1], T)
+        dtb = _pad_rows(dt[:, t0:t1], T)  # dt = 0 on padding: identity steps
+        self.xc = xb.reshape(b, kb, Q, G, R, P).permute(0, 3, 4, 1, 2, 5)  # view (b, G, R, kb, Q, P)
+        self.dtc = dtb.reshape(b, kb, Q, G, R).permute(0, 3, 4, 1, 2).contiguous()  # (b, G, R, kb, Q)
+        self.xdt = torch.empty(b, G, R, kb, Q, P, dtype=x.dtype, device=x.device)
+        torch.mul(self.xc, self.dtc[..., None], out=self.xdt)
+        self.Bc = _pad_rows(B[:, t0:t1], T).reshape(b, kb, Q, G, N).permute(0, 3, 1, 2, 4).contiguous()
+        self.Cc = _pad_rows(C[:, t0:t1], T).reshape(b, kb, Q, G, N).permute(0, 3, 1, 2, 4).contiguous()
+        a = self.dtc * A.view(G, R, 1, 1)
+        self.a = a
+        cs = torch.cumsum(a, -1)
+        strict, lower = masks
+        Lm = torch.where(strict, a[..., :, None], 0.0)  # [k, s] = a_k for k > s
+        Lm.cumsum_(-2)  # [t, s] = a_{s+1} + ... + a_t (0 on and above the diagonal)
+        Lm.exp_()
+        self.rowmask = self.keep = None
+        if seq is not None:
+            sb = seq[:, t0:t1]
+            if T != n:
+                sb = torch.cat([sb, sb[:, -1:].expand(b, T - n)], 1)
+            sc = sb.view(b, kb, Q)
+            same = sc[:, :, :, None] == sc[:, :, None, :]
+            Lm.masked_fill_(~(same & lower)[:, None, None], 0.0)
+            seq_end = sc[:, :, -1]
+            seq_in = torch.cat([seq_prev, seq_end[:, :-1]], 1)  # document of the state entering each chunk
+            self.keep = (seq_end == seq_in).view(b, 1, 1, kb, 1, 1)
+            self.rowmask = (sc == seq_in[..., None]).view(b, 1, 1, kb, Q, 1)
+        else:
+            Lm.masked_fill_(~lower, 0.0)
+        self.Lm = Lm
+        self.e = torch.exp(cs)
+        self.cd = self.e[..., -1]  # (b, G, R, kb)
+        self.w = Lm[..., -1, :]  # (b, G, R, kb, Q): decay to the chunk end
+        self.CB = self.Cc @ self.Bc.transpose(-1, -2)  # (b, G, kb, Q, Q)
+        self.wB = self.w[..., None] * self.Bc[:, :, None]  # (b, G, R, kb, Q, N)
+        self.eC = self.e[..., None] * self.Cc[:, :, None]
+
+    def keep_k(self, k):
+        return None if self.keep is None else self.keep[:, :, :, k]
+
+    def chain(self, src, add, k, out):
+        """out = add_k + cd_k * keep_k(src): the forward state step and the reverse state-gradient step."""
+        keep = self.keep_k(k)
+        if keep is not None:
+            src = torch.where(keep, src, 0.0)
+        return torch.addcmul(add[:, :, :, k], self.cd[:, :, :, k, None, None], src, out=out)
+
+
+def _masks(Q, device):
+    ones = torch.ones(Q, Q, dtype=torch.bool, device=device)
+    return torch.tril(ones, -1), torch.tril(ones)
+
+
+def _blocks(L, Q, kblk):
+    step = kblk * Q
+    return [(t0, min(L, t0 + step)) for t0 in range(0, L, step)]
+
+
+def _seq_prev(seq, t0):
+    return seq[:, :1] if t0 == 0 else seq[:, t0 - 1:t0]
+
+
+class SSDCore(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, seq, Q):
+        b, L, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        R = H // G
+        nc = -(-L // Q)
+        kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
+        masks = _masks(Q, x.device)
+        y = torch.empty(b, L, H, P, dtype=x.dtype, device=x.device)
+        h = (h0.reshape(b, G, R, P, N) if h0 is not None else x.new_zeros(b, G, R, P, N))
+        h_ins = []
+        for t0, t1 in _blocks(L, Q, kblk):
+            blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks)
+            kb = blk.kb
+            states = blk.xdt.transpose(-1, -2) @ blk.wB  # (b, G, R, kb, P, N)
+            h_in = torch.empty_like(states)
+            h_in[:, :, :, 0] = h
+            for k in range(kb):
+                h = blk.chain(h_in[:, :, :, k], states, k, h_in[:, :, :, k + 1] if k + 1 < kb else None)
+            yb = blk.eC @ h_in.transpose(-1, -2)  # (b, G, R, kb, Q, P)
+            if blk.rowmask is not None:
+                yb = torch.where(blk.rowmask, yb, 0.0)
+            M = blk.Lm.mul_(blk.CB[:, :, None])
+            yb = torch.baddbmm(yb.view(-1, Q, P), M.view(-1, Q, Q), blk.xdt.view(-1, Q, P))
+            src = yb.view(b, G, R, blk.T, P)[:, :, :, :blk.n].permute(0, 3, 1, 2, 4)
+            y[:, t0:t1].view(b, blk.n, G, R, P).copy_(src)
+            h_ins.append(h_in)
+        ctx.Q = Q
+        ctx.has_h0 = h0 is not None
+        ctx.save_for_backward(x, dt, A, B, C, seq, *h_ins)
+        ctx.set_materialize_grads(False)
+        return y, h.reshape(b, H, P, N)
+
+    @staticmethod
+    def backward(ctx, dy, dh_final):
+        x, dt, A, B, C, seq, *h_ins = ctx.saved_tensors
+        Q = ctx.Q
+        b, L, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        R = H // G
+        nc = -(-L // Q)
+        kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
+        masks = _masks(Q, x.device)
+        flip_mask = torch.ones(Q, Q, dtype=x.dtype, device=x.device).tril_(-1).flip(0)  # [j, s] = s < Q-1-j
+        g = (dh_final.reshape(b, G, R, P, N).to(x.dtype) if dh_final is not None else x.new_zeros(b, G, R, P, N))
+        if dy is None:
+            dy = x.new_zeros(b, L, H, P)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        ddt = torch.empty(b, L, H, dtype=x.dtype, device=x.device)
+        dB = torch.empty(b, L, G, N, dtype=x.dtype, device=x.device)
+        dC = torch.empty_like(dB)
+        dA = x.new_zeros(G, R)
+        Av = A.view(G, R, 1, 1)
+        blocks = _blocks(L, Q, kblk)
+        for (t0, t1), h_in in zip(reversed(blocks), reversed(h_ins)):
+            blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks)
+            kb, n, T = blk.kb, blk.n, blk.T
+            dyc = _pad_rows(dy[:, t0:t1], T).reshape(b, kb, Q, G, R, P).permute(0, 3, 4, 1, 2, 5).contiguous()
+            dy_in = dyc if blk.rowmask is None else torch.where(blk.rowmask, dyc, 0.0)
+            U = dy_in.transpose(-1, -2) @ blk.eC  # (b, G, R, kb, P, N): dL/dh_in through y
+            dh_out = torch.empty_like(U)
+            dh_out[:, :, :, kb - 1] = g
+            for k in range(kb - 1, -1, -1):
+                g = blk.chain(dh_out[:, :, :, k], U, k, dh_out[:, :, :, k - 1] if k > 0 else None)
+            h_kept = h_in if blk.keep is None else torch.where(blk.keep, h_in, 0.0)
+            dcd = (h_kept * dh_out).sum((-1, -2))  # (b, G, R, kb)
+            Lm, CB = blk.Lm, blk.CB[:, :, None]
+            M = Lm * CB
+            dxdt = blk.wB @ dh_out.transpose(-1, -2)  # (b, G, R, kb, Q, P)
+            dxdt = torch.baddbmm(dxdt.view(-1, Q, P), M.view(-1, Q, Q).transpose(-1, -2), dyc.view(-1, Q, P))
+            dxdt = dxdt.view(b, G, R, kb, Q, P)
+            dwB = blk.xdt @ dh_out  # (b, G, R, kb, Q, N)
+            deC = dy_in @ h_in
+            dM = dyc @ blk.xdt.transpose(-1, -2)  # (b, G, R, kb, Q, Q)
+            dCB = (dM * Lm).sum(2)  # (b, G, kb, Q, Q)
+            Gm = dM.mul_(M)  # Lm o dLm, dLm = dM o CB
+            dw = (dwB * blk.Bc[:, :, None]).sum(-1)  # (b, G, R, kb, Q)
+            Gm[..., -1, :] += dw * blk.w
+            # da_k = sum_{t >= k, s < k} Gm[t, s] (the segment sums holding a_k), summed directly: rows
+            # flipped, cumsum over t from the end, then the s < k part of each row
+            Rv = Gm.flip(-2).cumsum_(-2)
+            da = (Rv * flip_mask).sum(-1).flip(-1)
+            de = (deC * blk.Cc[:, :, None]).sum(-1)
+            ev = de.mul_(blk.e)  # e_t = exp(a_1 + ... + a_t) and cd = e_Q hold a_k for k <= t
+            ev[..., -1] += dcd * blk.cd
+            da += ev.flip(-1).cumsum_(-1).flip(-1)
+            dCc = torch.baddbmm((deC * blk.e[..., None]).sum(2).view(-1, Q, N), dCB.view(-1, Q, Q), blk.Bc.view(-1, Q, N))
+            dBc = torch.baddbmm((dwB * blk.w[..., None]).sum(2).view(-1, Q, N), dCB.view(-1, Q, Q).transpose(-1, -2),
+                                blk.Cc.view(-1, Q, N))
+            dA += (da * blk.dtc).sum((0, 3, 4))
+            ddtc = torch.addcmul((dxdt * blk.xc).sum(-1), da, Av)  # (b, G, R, kb, Q)
+            dxc = dxdt.mul_(blk.dtc[..., None])
+            dx[:, t0:t1].view(b, n, G, R, P).copy_(dxc.view(b, G, R, T, P)[:, :, :, :n].permute(0, 3, 1, 2, 4))
+            ddt[:, t0:t1].view(b, n, G, R).copy_(ddtc.view(b, G, R, T)[..., :n].permute(0, 3, 1, 2))
+            dB[:, t0:t1].copy_(dBc.view(b, G, T, N)[:, :, :n].transpose(1, 2))
+            dC[:, t0:t1].copy_(dCc.view(b, G, T, N)[:, :, :n].transpose(1, 2))
+        dh0 = g.reshape(b, H, P, N) if ctx.has_h0 else None
+        return dx, ddt, dA.view(H), dB, dC, dh0, None, None
+
+
+def ssd_core(x, dt, A, B, C, h0, seq, Q):
+    return SSDCore.apply(x, dt, A, B, C, h0, seq, Q)

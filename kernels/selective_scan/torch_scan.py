@@ -33,15 +33,25 @@ from .reference import discretize
 
 # elements of one (batch, dim, S, N) work tensor per segment (forward; the bilinear backward holds ~8)
 SEGMENT_BUDGET = 1 << 22
-# elements of one (batch, dim, piece, N) tensor in the hand-written backward: ~6 live at once; measured
-# fastest near 1 MiB on a 2-core x86 machine (fits in cache; 4x larger pieces were 1.3-1.6x slower). CPU only:
-# on a GPU, pieces as long as the segments (fewer kernel launches)
-BACKWARD_BUDGET = 1 << 18
+# elements of one (batch, dim, piece, N) tensor on the CPU (forward buffers and the hand-written backward: ~6
+# live at once): measured fastest near 0.5 MiB on a 2-core x86 VM (2x larger pieces were 1.1-1.5x slower
+# forward+backward at L 64..1024). On a GPU, pieces as long as the segments (fewer kernel launches)
+BACKWARD_BUDGET = 1 << 17
 # exp(x) is formed as exp2(x * log2(e)): torch's CPU exp2 is ~4x faster than its exp (measured on a 2-core AVX-512
 # VM: 10 vs 41 us per 65536 floats) and its result is within ~2 ulp of exp's; the decays dominate the scan's cost
 LOG2E = 1.4426950408889634
 # pieces shorter than this pay more in per-op overhead than they gain in cache locality
 MIN_PIECE_STEPS = 16
+# _linear_scan_ runs pieces up to this many steps one step per op (fewer ops than the sub-chunked scan)
+SEQUENTIAL_STEPS = 32
+
+
+def _dot_last(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis of x * y (broadcast). The product, then a matrix-vector product with ones:
+    on the CPU a reduction over a short last axis (N = 16) costs ~4 multiplies; the gemv costs ~1.5."""
+    p = x * y
+    N = p.shape[-1]
+    return (p.view(-1, N) @ p.new_ones(N)).view(p.shape[:-1])
 
 
 def chunked_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -115,6 +125,14 @@ def _linear_scan_(a, x, h0, keep=None, reverse=False, scratch=None):
     S = x.shape[-2]
     if S == 0:
         return x
+    if S <= SEQUENTIAL_STEPS:  # one op per step beats the three passes below on short pieces
+        h = h0
+        for t in (range(S - 1, -1, -1) if reverse else range(S)):
+            if keep is None:
+                h = x[..., t, :].addcmul_(a[..., t, :], h)
+            else:
+                h = x[..., t, :].add_(torch.where(keep[..., t, None], a[..., t, :] * h, 0.0))
+        return x
     T = max(1, math.isqrt(S))
     nc = S // T
     main = nc * T
@@ -181,9 +199,9 @@ def _segment_backward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus,
     if keep is not None:  # a select: the previous document's state may be non-finite
         q.masked_fill_(~keep[..., None], 0.0)
         dh0.masked_fill_(~keep[..., 0, None], 0.0)
-    ddt = torch.linalg.vecdot(q, A[:, :, None, :])
+    ddt = _dot_last(q, A[:, :, None, :])
     dA = (q.transpose(-1, -2) @ dt[..., None]).squeeze(-1).sum(0)  # batched matmul over (b, G, Dg): no copies
-    ddtu = torch.linalg.vecdot(g, Bs)
+    ddtu = _dot_last(g, Bs)
 
     def per_step_matrix_grad(states, coef, M):  # gradient of B or C from sum over channels of states * coef
         return (states * coef[..., None]).sum_to_size(M.shape)
@@ -371,7 +389,7 @@ def _piece_forward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, bu
     a.exp2_()  # exp(dt A)
     torch.mul((dt * u)[..., None], Bs, out=x)
     _linear_scan_(a, x, h0, keep, scratch=scratch)  # x now holds every state
-    y = torch.linalg.vecdot(x, Cs)
+    y = _dot_last(x, Cs)
     if D is not None:
         y = y + D[..., None] * u
     out = y * F.silu(z) if z is not None else y

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 BLOCK_BYTES = 2 << 20  # target size of the largest per-block temporary
+LOG2E = 1.4426950408889634
 
 
 def block_chunks(b, H, Q, P, N, elt, nc):
@@ -59,27 +60,39 @@ class _Block:
         self.Cc = _pad_rows(C[:, t0:t1], T).reshape(b, kb, Q, G, N).permute(0, 3, 1, 2, 4).contiguous()
         a = self.dtc * A.view(G, R, 1, 1)
         self.a = a
-        cs = torch.cumsum(a, -1)
-        strict, lower = masks
-        Lm = torch.where(strict, a[..., :, None], 0.0)  # [k, s] = a_k for k > s
-        Lm.cumsum_(-2)  # [t, s] = a_{s+1} + ... + a_t (0 on and above the diagonal)
-        Lm.exp_()
+        upper_ninf, lower = masks
         self.rowmask = self.keep = None
+        # cs: the decay exponent from the chunk start (restarting at each document start), in float64 and
+        # in base 2 (exp2 is several times cheaper than exp on CPU); Lm = exp2(cs_t - cs_s) with cs split
+        # into float32 hi + lo parts, so the difference keeps ~1 ulp of the segment sum (no cancelled digits)
+        a2 = a.to(torch.float64) * LOG2E
         if seq is not None:
             sb = seq[:, t0:t1]
             if T != n:
                 sb = torch.cat([sb, sb[:, -1:].expand(b, T - n)], 1)
             sc = sb.view(b, kb, Q)
-            same = sc[:, :, :, None] == sc[:, :, None, :]
-            Lm.masked_fill_(~(same & lower)[:, None, None], 0.0)
+            inside = (sc[:, :, :, None] == sc[:, :, None, :]) & lower  # (b, kb, Q, Q): s <= t, same document
+            # segment sums over the document only (masked row sums: exact zeros for other documents)
+            cs = (a2[..., None, :] * inside.to(torch.float64)[:, None, None]).sum(-1)
+            add_mask = torch.zeros(inside.shape, dtype=x.dtype, device=x.device).masked_fill_(~inside, -torch.inf)
+            add_mask = add_mask[:, None, None]
             seq_end = sc[:, :, -1]
             seq_in = torch.cat([seq_prev, seq_end[:, :-1]], 1)  # document of the state entering each chunk
             self.keep = (seq_end == seq_in).view(b, 1, 1, kb, 1, 1)
             self.rowmask = (sc == seq_in[..., None]).view(b, 1, 1, kb, Q, 1)
         else:
-            Lm.masked_fill_(~lower, 0.0)
+            cs = torch.cumsum(a2, -1)
+            add_mask = upper_ninf
+        if x.dtype == torch.float64:
+            Lm = torch.sub(cs[..., :, None], cs[..., None, :])
+        else:
+            hi = cs.to(x.dtype)
+            lo = (cs - hi).to(x.dtype)
+            Lm = torch.sub(hi[..., :, None], hi[..., None, :])
+            Lm.add_(lo[..., :, None]).sub_(lo[..., None, :])
+        Lm.add_(add_mask).exp2_()  # 0 above the diagonal and between documents
         self.Lm = Lm
-        self.e = torch.exp(cs)
+        self.e = torch.exp2(cs).to(x.dtype)
         self.cd = self.e[..., -1]  # (b, G, R, kb)
         self.w = Lm[..., -1, :]  # (b, G, R, kb, Q): decay to the chunk end
         self.CB = self.Cc @ self.Bc.transpose(-1, -2)  # (b, G, kb, Q, Q)
@@ -97,9 +110,9 @@ class _Block:
         return torch.addcmul(add[:, :, :, k], self.cd[:, :, :, k, None, None], src, out=out)
 
 
-def _masks(Q, device):
-    ones = torch.ones(Q, Q, dtype=torch.bool, device=device)
-    return torch.tril(ones, -1), torch.tril(ones)
+def _masks(Q, dtype, device):
+    lower = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=device))
+    return torch.zeros(Q, Q, dtype=dtype, device=device).masked_fill_(~lower, -torch.inf), lower
 
 
 def _blocks(L, Q, kblk):
@@ -119,7 +132,7 @@ class SSDCore(torch.autograd.Function):
         R = H // G
         nc = -(-L // Q)
         kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
-        masks = _masks(Q, x.device)
+        masks = _masks(Q, x.dtype, x.device)
         y = torch.empty(b, L, H, P, dtype=x.dtype, device=x.device)
         h = (h0.reshape(b, G, R, P, N) if h0 is not None else x.new_zeros(b, G, R, P, N))
         h_ins = []
@@ -154,8 +167,8 @@ class SSDCore(torch.autograd.Function):
         R = H // G
         nc = -(-L // Q)
         kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
-        masks = _masks(Q, x.device)
-        flip_mask = torch.ones(Q, Q, dtype=x.dtype, device=x.device).tril_(-1).flip(0)  # [j, s] = s < Q-1-j
+        masks = _masks(Q, x.dtype, x.device)
+        strict_cols = torch.ones(Q, Q - 1, dtype=x.dtype, device=x.device).tril_(-1)  # [t, j] = t > j
         g = (dh_final.reshape(b, G, R, P, N).to(x.dtype) if dh_final is not None else x.new_zeros(b, G, R, P, N))
         if dy is None:
             dy = x.new_zeros(b, L, H, P)
@@ -186,21 +199,26 @@ class SSDCore(torch.autograd.Function):
             dwB = blk.xdt @ dh_out  # (b, G, R, kb, Q, N)
             deC = dy_in @ h_in
             dM = dyc @ blk.xdt.transpose(-1, -2)  # (b, G, R, kb, Q, Q)
-            dCB = (dM * Lm).sum(2)  # (b, G, kb, Q, Q)
-            Gm = dM.mul_(M)  # Lm o dLm, dLm = dM o CB
+            Gm = dM.mul_(Lm)  # dM o Lm
+            dCB = Gm[:, :, 0] if R == 1 else Gm.sum(2)  # (b, G, kb, Q, Q)
+            Gm = Gm * CB  # Lm o dLm, dLm = dM o CB
             dw = (dwB * blk.Bc[:, :, None]).sum(-1)  # (b, G, R, kb, Q)
             Gm[..., -1, :] += dw * blk.w
-            # da_k = sum_{t >= k, s < k} Gm[t, s] (the segment sums holding a_k), summed directly: rows
-            # flipped, cumsum over t from the end, then the s < k part of each row
-            Rv = Gm.flip(-2).cumsum_(-2)
-            da = (Rv * flip_mask).sum(-1).flip(-1)
+            # da_k = sum_{t >= k, s < k} Gm[t, s] (the segment sums holding a_k), summed directly:
+            # prefix sums along s, then the column k - 1 summed over t >= k
+            Gm.cumsum_(-1)
+            da = torch.zeros_like(blk.a)
+            da[..., 1:] = (Gm[..., :-1] * strict_cols).sum(-2)
             de = (deC * blk.Cc[:, :, None]).sum(-1)
             ev = de.mul_(blk.e)  # e_t = exp(a_1 + ... + a_t) and cd = e_Q hold a_k for k <= t
             ev[..., -1] += dcd * blk.cd
             da += ev.flip(-1).cumsum_(-1).flip(-1)
-            dCc = torch.baddbmm((deC * blk.e[..., None]).sum(2).view(-1, Q, N), dCB.view(-1, Q, Q), blk.Bc.view(-1, Q, N))
-            dBc = torch.baddbmm((dwB * blk.w[..., None]).sum(2).view(-1, Q, N), dCB.view(-1, Q, Q).transpose(-1, -2),
-                                blk.Cc.view(-1, Q, N))
+            deC.mul_(blk.e[..., None])
+            dwB.mul_(blk.w[..., None])
+            dCc = torch.baddbmm((deC[:, :, 0] if R == 1 else deC.sum(2)).reshape(-1, Q, N), dCB.reshape(-1, Q, Q),
+                                blk.Bc.view(-1, Q, N))
+            dBc = torch.baddbmm((dwB[:, :, 0] if R == 1 else dwB.sum(2)).reshape(-1, Q, N),
+                                dCB.reshape(-1, Q, Q).transpose(-1, -2), blk.Cc.view(-1, Q, N))
             dA += (da * blk.dtc).sum((0, 3, 4))
             ddtc = torch.addcmul((dxdt * blk.xc).sum(-1), da, Av)  # (b, G, R, kb, Q)
             dxc = dxdt.mul_(blk.dtc[..., None])

@@ -121,7 +121,7 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     xw = x.to(work)
     h0 = initial_states.to(work) if initial_states is not None else None
-    y, h = ssd_core(xw, dt, A.to(work), B.to(work), C.to(work), h0, seq_idx, Q)
+    y, h = ssd_core(xw, dt, A.to(work), B.to(work), C.to(work), h0, seq_idx, Q, return_final_states)
     if D is not None:
         Dw = D.to(work)
         y = y + (Dw[:, None] if Dw.dim() == 1 else Dw) * xw

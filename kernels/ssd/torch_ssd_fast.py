@@ -96,8 +96,14 @@ class _Block:
         self.cd = self.e[..., -1]  # (b, G, R, kb)
         self.w = Lm[..., -1, :]  # (b, G, R, kb, Q): decay to the chunk end
         self.CB = self.Cc @ self.Bc.transpose(-1, -2)  # (b, G, kb, Q, Q)
-        self.wB = self.w[..., None] * self.Bc[:, :, None]  # (b, G, R, kb, Q, N)
-        self.eC = self.e[..., None] * self.Cc[:, :, None]
+
+    @property
+    def wB(self):  # (b, G, R, kb, Q, N): B weighted by the decay to the chunk end
+        return self.w[..., None] * self.Bc[:, :, None]
+
+    @property
+    def eC(self):  # C weighted by the decay from the chunk start
+        return self.e[..., None] * self.Cc[:, :, None]
 
     def keep_k(self, k):
         return None if self.keep is None else self.keep[:, :, :, k]
@@ -125,8 +131,11 @@ def _seq_prev(seq, t0):
 
 
 class SSDCore(torch.autograd.Function):
+    """A single-chunk sequence skips the matmuls of a zero incoming state (no h0) and of an unused end
+    state (no final state asked for, no gradient into it)."""
+
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, h0, seq, Q):
+    def forward(ctx, x, dt, A, B, C, h0, seq, Q, need_final):
         b, L, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         R = H // G
@@ -139,16 +148,23 @@ class SSDCore(torch.autograd.Function):
         for t0, t1 in _blocks(L, Q, kblk):
             blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks)
             kb = blk.kb
-            states = blk.xdt.transpose(-1, -2) @ blk.wB  # (b, G, R, kb, P, N)
-            h_in = torch.empty_like(states)
-            h_in[:, :, :, 0] = h
-            for k in range(kb):
-                h = blk.chain(h_in[:, :, :, k], states, k, h_in[:, :, :, k + 1] if k + 1 < kb else None)
-            yb = blk.eC @ h_in.transpose(-1, -2)  # (b, G, R, kb, Q, P)
-            if blk.rowmask is not None:
-                yb = torch.where(blk.rowmask, yb, 0.0)
+            if kb == 1 and t1 == L and not need_final:
+                h_in = h[:, :, :, None]
+                h = None
+            else:
+                states = blk.xdt.transpose(-1, -2) @ blk.wB  # (b, G, R, kb, P, N)
+                h_in = torch.empty_like(states)
+                h_in[:, :, :, 0] = h
+                for k in range(kb):
+                    h = blk.chain(h_in[:, :, :, k], states, k, h_in[:, :, :, k + 1] if k + 1 < kb else None)
             M = blk.Lm.mul_(blk.CB[:, :, None])
-            yb = torch.baddbmm(yb.view(-1, Q, P), M.view(-1, Q, Q), blk.xdt.view(-1, Q, P))
+            if kb == 1 and t0 == 0 and h0 is None:  # zero incoming state
+                yb = torch.bmm(M.view(-1, Q, Q), blk.xdt.view(-1, Q, P))
+            else:
+                yb = blk.eC @ h_in.transpose(-1, -2)  # (b, G, R, kb, Q, P)
+                if blk.rowmask is not None:
+                    yb = torch.where(blk.rowmask, yb, 0.0)
+                yb = torch.baddbmm(yb.view(-1, Q, P), M.view(-1, Q, Q), blk.xdt.view(-1, Q, P))
             src = yb.view(b, G, R, blk.T, P)[:, :, :, :blk.n].permute(0, 3, 1, 2, 4)
             y[:, t0:t1].view(b, blk.n, G, R, P).copy_(src)
             h_ins.append(h_in)
@@ -156,6 +172,8 @@ class SSDCore(torch.autograd.Function):
         ctx.has_h0 = h0 is not None
         ctx.save_for_backward(x, dt, A, B, C, seq, *h_ins)
         ctx.set_materialize_grads(False)
+        if h is None:
+            h = x.new_zeros(b, G, R, P, N)  # not asked for
         return y, h.reshape(b, H, P, N)
 
     @staticmethod
@@ -169,7 +187,7 @@ class SSDCore(torch.autograd.Function):
         kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
         masks = _masks(Q, x.dtype, x.device)
         strict_cols = torch.ones(Q, Q - 1, dtype=x.dtype, device=x.device).tril_(-1)  # [t, j] = t > j
-        g = (dh_final.reshape(b, G, R, P, N).to(x.dtype) if dh_final is not None else x.new_zeros(b, G, R, P, N))
+        g = dh_final.reshape(b, G, R, P, N).to(x.dtype) if dh_final is not None else None  # None: zero
         if dy is None:
             dy = x.new_zeros(b, L, H, P)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -182,43 +200,61 @@ class SSDCore(torch.autograd.Function):
         for (t0, t1), h_in in zip(reversed(blocks), reversed(h_ins)):
             blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks)
             kb, n, T = blk.kb, blk.n, blk.T
+            zero_in = kb == 1 and t0 == 0 and not ctx.has_h0  # h_in = 0 and dL/dh_in unused
+            if g is None and kb > 1:
+                g = x.new_zeros(b, G, R, P, N)
             dyc = _pad_rows(dy[:, t0:t1], T).reshape(b, kb, Q, G, R, P).permute(0, 3, 4, 1, 2, 5).contiguous()
             dy_in = dyc if blk.rowmask is None else torch.where(blk.rowmask, dyc, 0.0)
-            U = dy_in.transpose(-1, -2) @ blk.eC  # (b, G, R, kb, P, N): dL/dh_in through y
-            dh_out = torch.empty_like(U)
-            dh_out[:, :, :, kb - 1] = g
-            for k in range(kb - 1, -1, -1):
-                g = blk.chain(dh_out[:, :, :, k], U, k, dh_out[:, :, :, k - 1] if k > 0 else None)
-            h_kept = h_in if blk.keep is None else torch.where(blk.keep, h_in, 0.0)
-            dcd = (h_kept * dh_out).sum((-1, -2))  # (b, G, R, kb)
+            dh_out = None
+            if g is not None:  # dL/dh_out per chunk, by the reverse state recurrence
+                U = None if zero_in else dy_in.transpose(-1, -2) @ blk.eC  # (b, G, R, kb, P, N)
+                dh_out = torch.empty(b, G, R, kb, P, N, dtype=x.dtype, device=x.device)
+                dh_out[:, :, :, kb - 1] = g
+                for k in range(kb - 1, 0, -1):
+                    blk.chain(dh_out[:, :, :, k], U, k, dh_out[:, :, :, k - 1])
+                if not zero_in:
+                    g = blk.chain(dh_out[:, :, :, 0], U, 0, None)
+            elif not zero_in:
+                g = dy_in[:, :, :, 0].transpose(-1, -2) @ blk.eC[:, :, :, 0]
             Lm, CB = blk.Lm, blk.CB[:, :, None]
             M = Lm * CB
-            dxdt = blk.wB @ dh_out.transpose(-1, -2)  # (b, G, R, kb, Q, P)
-            dxdt = torch.baddbmm(dxdt.view(-1, Q, P), M.view(-1, Q, Q).transpose(-1, -2), dyc.view(-1, Q, P))
+            if dh_out is None:
+                dxdt = torch.bmm(M.view(-1, Q, Q).transpose(-1, -2), dyc.view(-1, Q, P))
+            else:
+                dxdt = blk.wB @ dh_out.transpose(-1, -2)  # (b, G, R, kb, Q, P)
+                dxdt = torch.baddbmm(dxdt.view(-1, Q, P), M.view(-1, Q, Q).transpose(-1, -2), dyc.view(-1, Q, P))
             dxdt = dxdt.view(b, G, R, kb, Q, P)
-            dwB = blk.xdt @ dh_out  # (b, G, R, kb, Q, N)
-            deC = dy_in @ h_in
             dM = dyc @ blk.xdt.transpose(-1, -2)  # (b, G, R, kb, Q, Q)
             Gm = dM.mul_(Lm)  # dM o Lm
             dCB = Gm[:, :, 0] if R == 1 else Gm.sum(2)  # (b, G, kb, Q, Q)
             Gm = Gm * CB  # Lm o dLm, dLm = dM o CB
-            dw = (dwB * blk.Bc[:, :, None]).sum(-1)  # (b, G, R, kb, Q)
-            Gm[..., -1, :] += dw * blk.w
+            if dh_out is not None:
+                dwB = blk.xdt @ dh_out  # (b, G, R, kb, Q, N)
+                dw = (dwB * blk.Bc[:, :, None]).sum(-1)  # (b, G, R, kb, Q)
+                Gm[..., -1, :] += dw * blk.w
             # da_k = sum_{t >= k, s < k} Gm[t, s] (the segment sums holding a_k), summed directly:
             # prefix sums along s, then the column k - 1 summed over t >= k
             Gm.cumsum_(-1)
             da = torch.zeros_like(blk.a)
             da[..., 1:] = (Gm[..., :-1] * strict_cols).sum(-2)
-            de = (deC * blk.Cc[:, :, None]).sum(-1)
-            ev = de.mul_(blk.e)  # e_t = exp(a_1 + ... + a_t) and cd = e_Q hold a_k for k <= t
-            ev[..., -1] += dcd * blk.cd
-            da += ev.flip(-1).cumsum_(-1).flip(-1)
-            deC.mul_(blk.e[..., None])
-            dwB.mul_(blk.w[..., None])
-            dCc = torch.baddbmm((deC[:, :, 0] if R == 1 else deC.sum(2)).reshape(-1, Q, N), dCB.reshape(-1, Q, Q),
-                                blk.Bc.view(-1, Q, N))
-            dBc = torch.baddbmm((dwB[:, :, 0] if R == 1 else dwB.sum(2)).reshape(-1, Q, N),
-                                dCB.reshape(-1, Q, Q).transpose(-1, -2), blk.Cc.view(-1, Q, N))
+            if not zero_in or dh_out is not None:
+                ev = x.new_zeros(blk.a.shape)
+                if not zero_in:
+                    deC = dy_in @ h_in  # (b, G, R, kb, Q, N)
+                    ev = (deC * blk.Cc[:, :, None]).sum(-1)
+                    deC.mul_(blk.e[..., None])
+                if dh_out is not None:
+                    h_kept = h_in if blk.keep is None else torch.where(blk.keep, h_in, 0.0)
+                    ev[..., -1] += (h_kept * dh_out).sum((-1, -2))
+                # e_t = exp(a_1 + ... + a_t) (and cd = e_Q) holds a_k for k <= t
+                da += ev.mul_(blk.e).flip(-1).cumsum_(-1).flip(-1)
+            dCc = dCB.reshape(-1, Q, Q) @ blk.Bc.view(-1, Q, N)
+            if not zero_in:
+                dCc += (deC[:, :, 0] if R == 1 else deC.sum(2)).reshape(-1, Q, N)
+            dBc = dCB.reshape(-1, Q, Q).transpose(-1, -2) @ blk.Cc.view(-1, Q, N)
+            if dh_out is not None:
+                dwB.mul_(blk.w[..., None])
+                dBc += (dwB[:, :, 0] if R == 1 else dwB.sum(2)).reshape(-1, Q, N)
             dA += (da * blk.dtc).sum((0, 3, 4))
             ddtc = torch.addcmul((dxdt * blk.xc).sum(-1), da, Av)  # (b, G, R, kb, Q)
             dxc = dxdt.mul_(blk.dtc[..., None])
@@ -227,8 +263,8 @@ class SSDCore(torch.autograd.Function):
             dB[:, t0:t1].copy_(dBc.view(b, G, T, N)[:, :, :n].transpose(1, 2))
             dC[:, t0:t1].copy_(dCc.view(b, G, T, N)[:, :, :n].transpose(1, 2))
         dh0 = g.reshape(b, H, P, N) if ctx.has_h0 else None
-        return dx, ddt, dA.view(H), dB, dC, dh0, None, None
+        return dx, ddt, dA.view(H), dB, dC, dh0, None, None, None
 
 
-def ssd_core(x, dt, A, B, C, h0, seq, Q):
-    return SSDCore.apply(x, dt, A, B, C, h0, seq, Q)
+def ssd_core(x, dt, A, B, C, h0, seq, Q, need_final=True):
+    return SSDCore.apply(x, dt, A, B, C, h0, seq, Q, need_final)

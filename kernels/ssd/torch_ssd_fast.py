@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BLOCK_BYTES = 2 << 20  # target size of the largest per-block temporary
+BLOCK_BYTES = 512 << 10  # target size of the largest per-block temporary (measured: 256-512 KiB beat 2 MiB)
 LOG2E = 1.4426950408889634
 
 

@@ -142,3 +142,17 @@ def test_blocks_do_not_grow_with_length():
     assert torch_ssd_fast.block_chunks(1, 8, 64, 64, 64, 4, 10 ** 6) * per(64, 64, 64) <= torch_ssd_fast.BLOCK_BYTES
     assert torch_ssd_fast.block_chunks(1, 8, 64, 64, 64, 4, 3) == 3
     assert torch_ssd_fast.block_chunks(64, 64, 256, 64, 128, 4, 100) == 1
+
+
+def test_reused_block_buffers_carry_nothing_between_calls(monkeypatch):
+    """The CPU block temporaries are cached across calls: a call with NaN inputs, then one with finite
+    inputs of the same shapes, must give the finite call's own result (no stale values read)."""
+    monkeypatch.setattr(torch_ssd_fast, "BLOCK_BYTES", 2 * 1 * 4 * 8 * 8 * 4)  # two chunks per block
+    inp = {k: (v.float() if v is not None else None) for k, v in make_case(1, 40, 4, 3, 5, 2).items()}
+    kw = dict(chunk_size=8, dt_softplus=True, return_final_states=True)
+    fresh = ssd_torch(**inp, **kw)
+    poisoned = {k: (torch.full_like(v, float("nan")) if v is not None else None) for k, v in inp.items()}
+    assert torch.isnan(ssd_torch(**poisoned, **kw)[0]).all()
+    again = ssd_torch(**inp, **kw)
+    for a, b in zip(fresh, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -9,16 +9,21 @@ for s <= t of the same document, else 0; e = exp(cs); w = Lm[Q-1]; cd = e[Q-1]):
     y = (Lm o C B^T) (dt x) + mask_in o (e C) h_in^T,      h_out = (dt x)^T (w B) + cd * keep(h_in)
 Backward, chunks in reverse, g = dL/dh_out carried like the forward state:
     dL/dh_in = cd * keep(g) + dy_in^T (e C)        (dy_in = mask_in o dy)
-and everything else is batched matmuls given g and h_in; the decay gradients reach a through
-dcs = rowsum(G) - colsum(G) + e o de (+ cd dcd at the end), G = Lm o dLm, and da = reverse cumsum(dcs).
+and everything else is batched matmuls given g and h_in. The decay gradient of a_k sums G = Lm o dLm over
+the segment sums that hold a_k (t >= k > s: prefix sums along s, no rowsum - colsum cancellation), plus
+the e / cd terms (a reverse cumsum).
 
-The sequence is processed in blocks of whole chunks sized so that every temporary stays a few MiB
-(reused heap memory instead of fresh page-faulting mmap blocks at long L), carrying the state between
-blocks. Saved for backward: the inputs and each chunk's incoming state; Lm and C B^T are recomputed.
+The sequence is processed in blocks of whole chunks sized so that every temporary stays ~BLOCK_BYTES,
+carrying the state between blocks. On CPU the block temporaries live in a small per-thread cache reused
+across blocks and calls (freshly allocated blocks of this size come back page-faulting from glibc on every
+call: measured up to a third of the time). Saved for backward: the inputs and each chunk's incoming state;
+Lm and C B^T are recomputed.
 NaN isolation across documents as in torch_ssd.py: the carried state is dropped with a select (forward and
 the state gradient in backward), and the incoming state reaches only its own document's rows through a select.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,27 @@ LOG2E = 1.4426950408889634
 def block_chunks(b, H, Q, P, N, elt, nc):
     per_chunk = b * H * Q * max(Q, P, N) * elt
     return max(1, min(nc, BLOCK_BYTES // per_chunk))
+
+
+_local = threading.local()
+
+
+def _buf(name, shape, like):
+    """An uninitialised temporary for one block. On CPU it is reused from a per-thread cache (keyed by
+    name, shape and dtype; dropped when it holds many shapes): callers use it only inside the block and
+    never return it or save it for backward."""
+    if like.device.type != "cpu":
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    cache = getattr(_local, "bufs", None)
+    if cache is None:
+        cache = _local.bufs = {}
+    key = (name, tuple(shape), like.dtype)
+    t = cache.get(key)
+    if t is None:
+        if len(cache) > 64:
+            cache.clear()
+        t = cache[key] = torch.empty(shape, dtype=like.dtype)
+    return t
 
 
 def _pad_rows(t, n_to):
@@ -53,11 +79,14 @@ class _Block:
         xb = _pad_rows(x[:, t0:t1], T)
         dtb = _pad_rows(dt[:, t0:t1], T)  # dt = 0 on padding: identity steps
         self.xc = xb.reshape(b, kb, Q, G, R, P).permute(0, 3, 4, 1, 2, 5)  # view (b, G, R, kb, Q, P)
-        self.dtc = dtb.reshape(b, kb, Q, G, R).permute(0, 3, 4, 1, 2).contiguous()  # (b, G, R, kb, Q)
-        self.xdt = torch.empty(b, G, R, kb, Q, P, dtype=x.dtype, device=x.device)
-        torch.mul(self.xc, self.dtc[..., None], out=self.xdt)
-        self.Bc = _pad_rows(B[:, t0:t1], T).reshape(b, kb, Q, G, N).permute(0, 3, 1, 2, 4).contiguous()
-        self.Cc = _pad_rows(C[:, t0:t1], T).reshape(b, kb, Q, G, N).permute(0, 3, 1, 2, 4).contiguous()
+        self.dtc = _buf("dtc", (b, G, R, kb, Q), x).copy_(dtb.reshape(b, kb, Q, G, R).permute(0, 3, 4, 1, 2))
+        self.xdt = torch.mul(self.xc, self.dtc[..., None], out=_buf("xdt", (b, G, R, kb, Q, P), x))
+        self.Bc = _buf("Bc", (b, G, kb, Q, N), x).copy_(_pad_rows(B[:, t0:t1], T).reshape(b, kb, Q, G, N)
+                                                         .permute(0, 3, 1, 2, 4))
+        self.Cc = _buf("Cc", (b, G, kb, Q, N), x).copy_(_pad_rows(C[:, t0:t1], T).reshape(b, kb, Q, G, N)
+                                                         .permute(0, 3, 1, 2, 4))
+        self.shape = (b, G, R, kb, Q)
+        self.x = x
         a = self.dtc * A.view(G, R, 1, 1)
         self.a = a
         upper_ninf, lower = masks
@@ -80,30 +109,32 @@ class _Block:
             seq_in = torch.cat([seq_prev, seq_end[:, :-1]], 1)  # document of the state entering each chunk
             self.keep = (seq_end == seq_in).view(b, 1, 1, kb, 1, 1)
             self.rowmask = (sc == seq_in[..., None]).view(b, 1, 1, kb, Q, 1)
+            self.not_row = ~self.rowmask
         else:
             cs = torch.cumsum(a2, -1)
             add_mask = upper_ninf
+        Lm = _buf("Lm", (b, G, R, kb, Q, Q), x)
         if x.dtype == torch.float64:
-            Lm = torch.sub(cs[..., :, None], cs[..., None, :])
+            torch.sub(cs[..., :, None], cs[..., None, :], out=Lm)
         else:
             hi = cs.to(x.dtype)
             lo = (cs - hi).to(x.dtype)
-            Lm = torch.sub(hi[..., :, None], hi[..., None, :])
+            torch.sub(hi[..., :, None], hi[..., None, :], out=Lm)
             Lm.add_(lo[..., :, None]).sub_(lo[..., None, :])
         Lm.add_(add_mask).exp2_()  # 0 above the diagonal and between documents
         self.Lm = Lm
         self.e = torch.exp2(cs).to(x.dtype)
         self.cd = self.e[..., -1]  # (b, G, R, kb)
         self.w = Lm[..., -1, :]  # (b, G, R, kb, Q): decay to the chunk end
-        self.CB = self.Cc @ self.Bc.transpose(-1, -2)  # (b, G, kb, Q, Q)
+        CB = _buf("CB", (b, G, kb, Q, Q), x)
+        torch.bmm(self.Cc.view(-1, Q, N), self.Bc.view(-1, Q, N).transpose(1, 2), out=CB.view(-1, Q, Q))
+        self.CB = CB  # (b, G, kb, Q, Q)
 
-    @property
     def wB(self):  # (b, G, R, kb, Q, N): B weighted by the decay to the chunk end
-        return self.w[..., None] * self.Bc[:, :, None]
+        return torch.mul(self.w[..., None], self.Bc[:, :, None], out=_buf("wB", self.shape + self.Bc.shape[-1:], self.x))
 
-    @property
     def eC(self):  # C weighted by the decay from the chunk start
-        return self.e[..., None] * self.Cc[:, :, None]
+        return torch.mul(self.e[..., None], self.Cc[:, :, None], out=_buf("eC", self.shape + self.Cc.shape[-1:], self.x))
 
     def keep_k(self, k):
         return None if self.keep is None else self.keep[:, :, :, k]
@@ -152,19 +183,21 @@ class SSDCore(torch.autograd.Function):
                 h_in = h[:, :, :, None]
                 h = None
             else:
-                states = blk.xdt.transpose(-1, -2) @ blk.wB  # (b, G, R, kb, P, N)
-                h_in = torch.empty_like(states)
+                states = _buf("states", (b, G, R, kb, P, N), x)
+                torch.bmm(blk.xdt.view(-1, Q, P).transpose(1, 2), blk.wB().view(-1, Q, N), out=states.view(-1, P, N))
+                h_in = torch.empty_like(states)  # saved for backward
                 h_in[:, :, :, 0] = h
                 for k in range(kb):
                     h = blk.chain(h_in[:, :, :, k], states, k, h_in[:, :, :, k + 1] if k + 1 < kb else None)
             M = blk.Lm.mul_(blk.CB[:, :, None])
+            yb = _buf("y", (b, G, R, kb, Q, P), x).view(-1, Q, P)
             if kb == 1 and t0 == 0 and h0 is None:  # zero incoming state
-                yb = torch.bmm(M.view(-1, Q, Q), blk.xdt.view(-1, Q, P))
+                torch.bmm(M.view(-1, Q, Q), blk.xdt.view(-1, Q, P), out=yb)
             else:
-                yb = blk.eC @ h_in.transpose(-1, -2)  # (b, G, R, kb, Q, P)
+                torch.bmm(blk.eC().view(-1, Q, N), h_in.view(-1, P, N).transpose(1, 2), out=yb)
                 if blk.rowmask is not None:
-                    yb = torch.where(blk.rowmask, yb, 0.0)
-                yb = torch.baddbmm(yb.view(-1, Q, P), M.view(-1, Q, Q), blk.xdt.view(-1, Q, P))
+                    yb.view(b, G, R, kb, Q, P).masked_fill_(blk.not_row, 0.0)  # a select: h_in may hold NaN
+                yb.baddbmm_(M.view(-1, Q, Q), blk.xdt.view(-1, Q, P))
             src = yb.view(b, G, R, blk.T, P)[:, :, :, :blk.n].permute(0, 3, 1, 2, 4)
             y[:, t0:t1].view(b, blk.n, G, R, P).copy_(src)
             h_ins.append(h_in)
@@ -203,60 +236,74 @@ class SSDCore(torch.autograd.Function):
             zero_in = kb == 1 and t0 == 0 and not ctx.has_h0  # h_in = 0 and dL/dh_in unused
             if g is None and kb > 1:
                 g = x.new_zeros(b, G, R, P, N)
-            dyc = _pad_rows(dy[:, t0:t1], T).reshape(b, kb, Q, G, R, P).permute(0, 3, 4, 1, 2, 5).contiguous()
-            dy_in = dyc if blk.rowmask is None else torch.where(blk.rowmask, dyc, 0.0)
+            sh = blk.shape  # (b, G, R, kb, Q)
+            dyc = _buf("dyc", sh + (P,), x).copy_(_pad_rows(dy[:, t0:t1], T).reshape(b, kb, Q, G, R, P)
+                                                  .permute(0, 3, 4, 1, 2, 5))
+            dy_in = dyc
+            if blk.rowmask is not None:
+                dy_in = _buf("dy_in", sh + (P,), x).copy_(dyc).masked_fill_(blk.not_row, 0.0)
+            eC = None if zero_in else blk.eC()
             dh_out = None
             if g is not None:  # dL/dh_out per chunk, by the reverse state recurrence
-                U = None if zero_in else dy_in.transpose(-1, -2) @ blk.eC  # (b, G, R, kb, P, N)
-                dh_out = torch.empty(b, G, R, kb, P, N, dtype=x.dtype, device=x.device)
+                U = None
+                if not zero_in:
+                    U = _buf("U", (b, G, R, kb, P, N), x)
+                    torch.bmm(dy_in.view(-1, Q, P).transpose(1, 2), eC.view(-1, Q, N), out=U.view(-1, P, N))
+                dh_out = _buf("dh_out", (b, G, R, kb, P, N), x)
                 dh_out[:, :, :, kb - 1] = g
                 for k in range(kb - 1, 0, -1):
                     blk.chain(dh_out[:, :, :, k], U, k, dh_out[:, :, :, k - 1])
                 if not zero_in:
                     g = blk.chain(dh_out[:, :, :, 0], U, 0, None)
             elif not zero_in:
-                g = dy_in[:, :, :, 0].transpose(-1, -2) @ blk.eC[:, :, :, 0]
+                g = dy_in[:, :, :, 0].transpose(-1, -2) @ eC[:, :, :, 0]
             Lm, CB = blk.Lm, blk.CB[:, :, None]
-            M = Lm * CB
+            M = torch.mul(Lm, CB, out=_buf("M", sh + (Q,), x))
+            dxdt = _buf("dxdt", sh + (P,), x)
             if dh_out is None:
-                dxdt = torch.bmm(M.view(-1, Q, Q).transpose(-1, -2), dyc.view(-1, Q, P))
+                torch.bmm(M.view(-1, Q, Q).transpose(1, 2), dyc.view(-1, Q, P), out=dxdt.view(-1, Q, P))
             else:
-                dxdt = blk.wB @ dh_out.transpose(-1, -2)  # (b, G, R, kb, Q, P)
-                dxdt = torch.baddbmm(dxdt.view(-1, Q, P), M.view(-1, Q, Q).transpose(-1, -2), dyc.view(-1, Q, P))
-            dxdt = dxdt.view(b, G, R, kb, Q, P)
-            dM = dyc @ blk.xdt.transpose(-1, -2)  # (b, G, R, kb, Q, Q)
+                torch.bmm(blk.wB().view(-1, Q, N), dh_out.view(-1, P, N).transpose(1, 2), out=dxdt.view(-1, Q, P))
+                dxdt.view(-1, Q, P).baddbmm_(M.view(-1, Q, Q).transpose(1, 2), dyc.view(-1, Q, P))
+            dM = _buf("dM", sh + (Q,), x)
+            torch.bmm(dyc.view(-1, Q, P), blk.xdt.view(-1, Q, P).transpose(1, 2), out=dM.view(-1, Q, Q))
             Gm = dM.mul_(Lm)  # dM o Lm
-            dCB = Gm[:, :, 0] if R == 1 else Gm.sum(2)  # (b, G, kb, Q, Q)
-            Gm = Gm * CB  # Lm o dLm, dLm = dM o CB
+            dCB = Gm[:, :, 0] if R == 1 else torch.sum(Gm, 2, out=_buf("dCB", (b, G, kb, Q, Q), x))
+            Gm = torch.mul(Gm, CB, out=M)  # Lm o dLm, dLm = dM o CB (M is no longer needed)
+            tmp_n = _buf("tmp_n", sh + (N,), x)
             if dh_out is not None:
-                dwB = blk.xdt @ dh_out  # (b, G, R, kb, Q, N)
-                dw = (dwB * blk.Bc[:, :, None]).sum(-1)  # (b, G, R, kb, Q)
+                dwB = _buf("dwB", sh + (N,), x)
+                torch.bmm(blk.xdt.view(-1, Q, P), dh_out.view(-1, P, N), out=dwB.view(-1, Q, N))
+                dw = torch.mul(dwB, blk.Bc[:, :, None], out=tmp_n).sum(-1)  # (b, G, R, kb, Q)
                 Gm[..., -1, :] += dw * blk.w
             # da_k = sum_{t >= k, s < k} Gm[t, s] (the segment sums holding a_k), summed directly:
             # prefix sums along s, then the column k - 1 summed over t >= k
             Gm.cumsum_(-1)
             da = torch.zeros_like(blk.a)
-            da[..., 1:] = (Gm[..., :-1] * strict_cols).sum(-2)
+            da[..., 1:] = torch.mul(Gm[..., :-1], strict_cols, out=_buf("tmp_q", sh + (Q - 1,), x)).sum(-2)
             if not zero_in or dh_out is not None:
                 ev = x.new_zeros(blk.a.shape)
                 if not zero_in:
-                    deC = dy_in @ h_in  # (b, G, R, kb, Q, N)
-                    ev = (deC * blk.Cc[:, :, None]).sum(-1)
+                    deC = _buf("deC", sh + (N,), x)
+                    torch.bmm(dy_in.view(-1, Q, P), h_in.view(-1, P, N), out=deC.view(-1, Q, N))
+                    ev = torch.mul(deC, blk.Cc[:, :, None], out=tmp_n).sum(-1)
                     deC.mul_(blk.e[..., None])
                 if dh_out is not None:
                     h_kept = h_in if blk.keep is None else torch.where(blk.keep, h_in, 0.0)
-                    ev[..., -1] += (h_kept * dh_out).sum((-1, -2))
+                    ev[..., -1] += torch.mul(h_kept, dh_out, out=_buf("tmp_pn", (b, G, R, kb, P, N), x)).sum((-1, -2))
                 # e_t = exp(a_1 + ... + a_t) (and cd = e_Q) holds a_k for k <= t
                 da += ev.mul_(blk.e).flip(-1).cumsum_(-1).flip(-1)
-            dCc = dCB.reshape(-1, Q, Q) @ blk.Bc.view(-1, Q, N)
+            dCc = _buf("dCc", (b, G, kb, Q, N), x)
+            torch.bmm(dCB.reshape(-1, Q, Q), blk.Bc.view(-1, Q, N), out=dCc.view(-1, Q, N))
             if not zero_in:
-                dCc += (deC[:, :, 0] if R == 1 else deC.sum(2)).reshape(-1, Q, N)
-            dBc = dCB.reshape(-1, Q, Q).transpose(-1, -2) @ blk.Cc.view(-1, Q, N)
+                dCc += deC[:, :, 0] if R == 1 else deC.sum(2)
+            dBc = _buf("dBc", (b, G, kb, Q, N), x)
+            torch.bmm(dCB.reshape(-1, Q, Q).transpose(1, 2), blk.Cc.view(-1, Q, N), out=dBc.view(-1, Q, N))
             if dh_out is not None:
                 dwB.mul_(blk.w[..., None])
-                dBc += (dwB[:, :, 0] if R == 1 else dwB.sum(2)).reshape(-1, Q, N)
+                dBc += dwB[:, :, 0] if R == 1 else dwB.sum(2)
             dA += (da * blk.dtc).sum((0, 3, 4))
-            ddtc = torch.addcmul((dxdt * blk.xc).sum(-1), da, Av)  # (b, G, R, kb, Q)
+            ddtc = torch.addcmul(torch.mul(dxdt, blk.xc, out=_buf("tmp_p", sh + (P,), x)).sum(-1), da, Av)
             dxc = dxdt.mul_(blk.dtc[..., None])
             dx[:, t0:t1].view(b, n, G, R, P).copy_(dxc.view(b, G, R, T, P)[:, :, :, :n].permute(0, 3, 1, 2, 4))
             ddt[:, t0:t1].view(b, n, G, R).copy_(ddtc.view(b, G, R, T)[..., :n].permute(0, 3, 1, 2))

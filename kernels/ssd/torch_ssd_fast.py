@@ -89,7 +89,7 @@ class _Block:
         self.x = x
         a = self.dtc * A.view(G, R, 1, 1)
         self.a = a
-        upper_ninf, lower = masks
+        upper_ninf, lower, _ = masks
         self.rowmask = self.keep = None
         # cs: the decay exponent from the chunk start (restarting at each document start), in float64 and
         # in base 2 (exp2 is several times cheaper than exp on CPU); Lm = exp2(cs_t - cs_s) with cs split
@@ -147,9 +147,22 @@ class _Block:
         return torch.addcmul(add[:, :, :, k], self.cd[:, :, :, k, None, None], src, out=out)
 
 
+_MASKS = {}
+
+
 def _masks(Q, dtype, device):
-    lower = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=device))
-    return torch.zeros(Q, Q, dtype=dtype, device=device).masked_fill_(~lower, -torch.inf), lower
+    """(additive mask: 0 on and below the diagonal, -inf above; lower-triangle bool; [t, j] = t > j for
+    j < Q - 1), cached: constant, never written to."""
+    key = (Q, dtype, device)
+    m = _MASKS.get(key)
+    if m is None:
+        lower = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=device))
+        m = (torch.zeros(Q, Q, dtype=dtype, device=device).masked_fill_(~lower, -torch.inf), lower,
+             torch.ones(Q, Q - 1, dtype=dtype, device=device).tril_(-1))
+        if len(_MASKS) > 32:
+            _MASKS.clear()
+        _MASKS[key] = m
+    return m
 
 
 def _blocks(L, Q, kblk):
@@ -174,19 +187,22 @@ class SSDCore(torch.autograd.Function):
         kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
         masks = _masks(Q, x.dtype, x.device)
         y = torch.empty(b, L, H, P, dtype=x.dtype, device=x.device)
-        h = (h0.reshape(b, G, R, P, N) if h0 is not None else x.new_zeros(b, G, R, P, N))
+        h = h0.reshape(b, G, R, P, N) if h0 is not None else None  # None: zero
         h_ins = []
         for t0, t1 in _blocks(L, Q, kblk):
             blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks)
             kb = blk.kb
             if kb == 1 and t1 == L and not need_final:
-                h_in = h[:, :, :, None]
+                h_in = h[:, :, :, None] if h is not None else x.new_empty(0)
                 h = None
             else:
                 states = _buf("states", (b, G, R, kb, P, N), x)
                 torch.bmm(blk.xdt.view(-1, Q, P).transpose(1, 2), blk.wB().view(-1, Q, N), out=states.view(-1, P, N))
                 h_in = torch.empty_like(states)  # saved for backward
-                h_in[:, :, :, 0] = h
+                if h is None:
+                    h_in[:, :, :, 0].zero_()
+                else:
+                    h_in[:, :, :, 0] = h
                 for k in range(kb):
                     h = blk.chain(h_in[:, :, :, k], states, k, h_in[:, :, :, k + 1] if k + 1 < kb else None)
             M = blk.Lm.mul_(blk.CB[:, :, None])
@@ -205,8 +221,8 @@ class SSDCore(torch.autograd.Function):
         ctx.has_h0 = h0 is not None
         ctx.save_for_backward(x, dt, A, B, C, seq, *h_ins)
         ctx.set_materialize_grads(False)
-        if h is None:
-            h = x.new_zeros(b, G, R, P, N)  # not asked for
+        if h is None:  # not asked for
+            return y, x.new_zeros(()).expand(b, H, P, N)
         return y, h.reshape(b, H, P, N)
 
     @staticmethod
@@ -219,7 +235,7 @@ class SSDCore(torch.autograd.Function):
         nc = -(-L // Q)
         kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
         masks = _masks(Q, x.dtype, x.device)
-        strict_cols = torch.ones(Q, Q - 1, dtype=x.dtype, device=x.device).tril_(-1)  # [t, j] = t > j
+        strict_cols = masks[2]  # [t, j] = t > j
         g = dh_final.reshape(b, G, R, P, N).to(x.dtype) if dh_final is not None else None  # None: zero
         if dy is None:
             dy = x.new_zeros(b, L, H, P)
@@ -281,14 +297,14 @@ class SSDCore(torch.autograd.Function):
             Gm.cumsum_(-1)
             da = torch.zeros_like(blk.a)
             da[..., 1:] = torch.mul(Gm[..., :-1], strict_cols, out=_buf("tmp_q", sh + (Q - 1,), x)).sum(-2)
-            if not zero_in or dh_out is not None:
+            if not zero_in:
                 ev = x.new_zeros(blk.a.shape)
                 if not zero_in:
                     deC = _buf("deC", sh + (N,), x)
                     torch.bmm(dy_in.view(-1, Q, P), h_in.view(-1, P, N), out=deC.view(-1, Q, N))
                     ev = torch.mul(deC, blk.Cc[:, :, None], out=tmp_n).sum(-1)
                     deC.mul_(blk.e[..., None])
-                if dh_out is not None:
+                if dh_out is not None and not zero_in:
                     h_kept = h_in if blk.keep is None else torch.where(blk.keep, h_in, 0.0)
                     ev[..., -1] += torch.mul(h_kept, dh_out, out=_buf("tmp_pn", (b, G, R, kb, P, N), x)).sum((-1, -2))
                 # e_t = exp(a_1 + ... + a_t) (and cd = e_Q) holds a_k for k <= t

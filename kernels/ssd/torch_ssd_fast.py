@@ -243,7 +243,7 @@ class SSDCore(torch.autograd.Function):
         ddt = torch.empty(b, L, H, dtype=x.dtype, device=x.device)
         dB = torch.empty(b, L, G, N, dtype=x.dtype, device=x.device)
         dC = torch.empty_like(dB)
-        dA = x.new_zeros(G, R)
+        dA = x.new_zeros(G, R, dtype=torch.float64)  # a sum over all steps: accumulated in float64
         Av = A.view(G, R, 1, 1)
         blocks = _blocks(L, Q, kblk)
         for (t0, t1), h_in in zip(reversed(blocks), reversed(h_ins)):
@@ -318,7 +318,7 @@ class SSDCore(torch.autograd.Function):
             if dh_out is not None:
                 dwB.mul_(blk.w[..., None])
                 dBc += dwB[:, :, 0] if R == 1 else dwB.sum(2)
-            dA += (da * blk.dtc).sum((0, 3, 4))
+            dA += (da * blk.dtc).sum((0, 3, 4), dtype=torch.float64)
             ddtc = torch.addcmul(torch.mul(dxdt, blk.xc, out=_buf("tmp_p", sh + (P,), x)).sum(-1), da, Av)
             dxc = dxdt.mul_(blk.dtc[..., None])
             dx[:, t0:t1].view(b, n, G, R, P).copy_(dxc.view(b, G, R, T, P)[:, :, :, :n].permute(0, 3, 1, 2, 4))
@@ -326,7 +326,7 @@ class SSDCore(torch.autograd.Function):
             dB[:, t0:t1].copy_(dBc.view(b, G, T, N)[:, :, :n].transpose(1, 2))
             dC[:, t0:t1].copy_(dCc.view(b, G, T, N)[:, :, :n].transpose(1, 2))
         dh0 = g.reshape(b, H, P, N) if ctx.has_h0 else None
-        return dx, ddt, dA.view(H), dB, dC, dh0, None, None, None
+        return dx, ddt, dA.view(H).to(x.dtype), dB, dC, dh0, None, None, None
 
 
 def ssd_core(x, dt, A, B, C, h0, seq, Q, need_final=True):

@@ -144,10 +144,14 @@ def test_blocks_do_not_grow_with_length():
     assert torch_ssd_fast.block_chunks(64, 64, 256, 64, 128, 4, 100) == 1
 
 
-def test_reused_block_buffers_carry_nothing_between_calls(monkeypatch):
+@pytest.mark.parametrize("cache_bytes", [32 << 20, 4096, 0])
+def test_reused_block_buffers_carry_nothing_between_calls(cache_bytes, monkeypatch):
     """The CPU block temporaries are cached across calls: a call with NaN inputs, then one with finite
-    inputs of the same shapes, must give the finite call's own result (no stale values read)."""
+    inputs of the same shapes, must give the finite call's own result (no stale values read); also with
+    a cache too small for some or all of them."""
     monkeypatch.setattr(torch_ssd_fast, "BLOCK_BYTES", 2 * 1 * 4 * 8 * 8 * 4)  # two chunks per block
+    monkeypatch.setattr(torch_ssd_fast, "CACHE_BYTES", cache_bytes)
+    torch_ssd_fast.release_buffers()
     inp = {k: (v.float() if v is not None else None) for k, v in make_case(1, 40, 4, 3, 5, 2).items()}
     kw = dict(chunk_size=8, dt_softplus=True, return_final_states=True)
     fresh = ssd_torch(**inp, **kw)

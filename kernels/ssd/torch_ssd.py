@@ -1,20 +1,26 @@
-"""Chunked SSD in PyTorch (the CPU path): per chunk of Q = chunk_size steps, the output is a masked
-C.B^T matmul against dt*x plus the carried state read through C; chunk states pass sequentially between
-chunks. Autograd gives the gradients.
+"""Chunked SSD in PyTorch (the CPU path, and the GPU fallback): per chunk of Q = chunk_size steps, the output
+is a masked C.B^T matmul against dt*x plus the carried state read through C; chunk states pass sequentially
+between chunks.
 
+- `ssd_torch` (the "torch" backend): dt's processing, D and z in autograd around the core
+  torch_ssd_fast.SSDCore, an autograd.Function with a hand-written backward that walks the sequence in
+  blocks of chunks (temporaries of ~BLOCK_BYTES, reused; memory saved for backward: the inputs plus one
+  state per chunk). See torch_ssd_fast.py for the formulas.
+- `_ssd_torch_autograd`: the same formulation with autograd doing the gradients, kept as the independent
+  reference the tests compare the hand-written backward against (in float64).
 - chunk_size is honoured as given (any positive int): it is the chunk length Q. Results do not depend on
-  it beyond rounding; memory is O(batch * L * heads * Q) and the inter-chunk loop has L / Q steps.
-- Decays inside a chunk are segment sums: exp(dA_{s+1} + ... + dA_t), summed directly (a cumsum of the
-  masked (Q, Q) expansion of dA), never exp(cs_t - cs_s) of two long cumsums, which cancels digits.
-- Linear in L forward and backward: the inter-chunk loop walks unbind() views. Indexing states[:, c] in
-  the loop would give every step's backward a full states-sized zero tensor (quadratic in the chunks).
+  it beyond rounding; the inter-chunk loop has L / Q steps.
+- Decays inside a chunk are segment sums exp(dA_{s+1} + ... + dA_t), never exp(cs_t - cs_s) of two long
+  float32 cumsums, which cancels digits: _ssd_torch_autograd sums the masked (Q, Q) expansion of dA; the
+  fast core takes cs in float64 and differences its float32 hi + lo parts.
 - Heads are laid out as (groups, heads per group) so B and C broadcast over a group's heads without copies.
 
 Packed documents (seq_idx, contiguous runs of one id per document): C_t.B_s terms and decays between
 documents are masked to -inf before exp (so no inf * 0); a chunk's end state only collects tokens of the
 document it ends in; the carried state is dropped with a select (torch.where, not a multiply by 0) where
 a document starts, and the incoming state reaches only tokens of its own document through a select too.
-So a NaN/inf carried in one document's state never reaches the next one. Limit: inside one chunk the
+So a NaN/inf carried in one document's state never reaches the next one (both paths; the fast core's
+backward drops the state gradient at a document start with a select too). Limit: inside one chunk the
 masked (Q, Q) matmul still adds 0 * x_s for other documents' tokens, so a non-finite *input* x reaches
 the other document's outputs in that same chunk (as in mamba_ssm's kernels).
 """

@@ -14,10 +14,14 @@ the segment sums that hold a_k (t >= k > s: prefix sums along s, no rowsum - col
 the e / cd terms (a reverse cumsum).
 
 The sequence is processed in blocks of whole chunks sized so that every temporary stays ~BLOCK_BYTES,
-carrying the state between blocks. On CPU the block temporaries live in a small per-thread cache reused
-across blocks and calls (freshly allocated blocks of this size come back page-faulting from glibc on every
-call: measured up to a third of the time). Saved for backward: the inputs and each chunk's incoming state;
-Lm and C B^T are recomputed.
+carrying the state between blocks. On CPU the block temporaries live in a per-thread cache (at most
+CACHE_BYTES; release_buffers() empties it) reused across blocks and calls: freshly allocated blocks of this
+size come back from glibc as new pages that fault on first touch on every call (a 2 MiB bmm output: 955 us
+fresh vs 707 us reused, here). Saved for backward: the inputs and each chunk's incoming state; Lm and
+C B^T are recomputed. Lm = exp2 of base-2 segment exponents: cs in float64 (restarting at each document
+start, as masked row sums, so other documents contribute exact zeros), differenced as float32 hi + lo
+parts (exp2 is ~4x cheaper than exp here). A single-chunk sequence skips the matmuls of a zero incoming
+state (no h0) and of an unused end state (no final state asked for).
 NaN isolation across documents as in torch_ssd.py: the carried state is dropped with a select (forward and
 the state gradient in backward), and the incoming state reaches only its own document's rows through a select.
 """
@@ -40,10 +44,13 @@ def block_chunks(b, H, Q, P, N, elt, nc):
 _local = threading.local()
 
 
+CACHE_BYTES = 32 << 20  # at most this much cached per thread; larger temporaries are allocated per use
+
+
 def _buf(name, shape, like):
     """An uninitialised temporary for one block. On CPU it is reused from a per-thread cache (keyed by
-    name, shape and dtype; dropped when it holds many shapes): callers use it only inside the block and
-    never return it or save it for backward."""
+    name, shape and dtype; emptied when it would exceed CACHE_BYTES): callers use it only inside the block
+    and never return it or save it for backward."""
     if like.device.type != "cpu":
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     cache = getattr(_local, "bufs", None)
@@ -52,10 +59,19 @@ def _buf(name, shape, like):
     key = (name, tuple(shape), like.dtype)
     t = cache.get(key)
     if t is None:
-        if len(cache) > 64:
+        t = torch.empty(shape, dtype=like.dtype)
+        nbytes = t.numel() * t.element_size()
+        if nbytes > CACHE_BYTES // 8:  # a block over the budget (one chunk of a very wide shape)
+            return t
+        if sum(v.numel() * v.element_size() for v in cache.values()) + nbytes > CACHE_BYTES:
             cache.clear()
-        t = cache[key] = torch.empty(shape, dtype=like.dtype)
+        cache[key] = t
     return t
+
+
+def release_buffers():
+    """Drop this thread's cached block temporaries."""
+    _local.bufs = {}
 
 
 def _pad_rows(t, n_to):

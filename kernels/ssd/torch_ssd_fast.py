@@ -204,6 +204,7 @@ class SSDCore(torch.autograd.Function):
         masks = _masks(Q, x.dtype, x.device)
         y = torch.empty(b, L, H, P, dtype=x.dtype, device=x.device)
         h = h0.reshape(b, G, R, P, N) if h0 is not None else None  # None: zero
+        save = any(ctx.needs_input_grad)  # else (no_grad, or no input needs a gradient) nothing is saved
         h_ins = []
         for t0, t1 in _blocks(L, Q, kblk):
             blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks)
@@ -214,7 +215,7 @@ class SSDCore(torch.autograd.Function):
             else:
                 states = _buf("states", (b, G, R, kb, P, N), x)
                 torch.bmm(blk.xdt.view(-1, Q, P).transpose(1, 2), blk.wB().view(-1, Q, N), out=states.view(-1, P, N))
-                h_in = torch.empty_like(states)  # saved for backward
+                h_in = torch.empty_like(states) if save else _buf("h_in", states.shape, x)
                 if h is None:
                     h_in[:, :, :, 0].zero_()
                 else:
@@ -232,7 +233,8 @@ class SSDCore(torch.autograd.Function):
                 yb.baddbmm_(M.view(-1, Q, Q), blk.xdt.view(-1, Q, P))
             src = yb.view(b, G, R, blk.T, P)[:, :, :, :blk.n].permute(0, 3, 1, 2, 4)
             y[:, t0:t1].view(b, blk.n, G, R, P).copy_(src)
-            h_ins.append(h_in)
+            if save:
+                h_ins.append(h_in)
         ctx.Q = Q
         ctx.has_h0 = h0 is not None
         ctx.save_for_backward(x, dt, A, B, C, seq, *h_ins)

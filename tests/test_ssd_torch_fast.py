@@ -160,3 +160,15 @@ def test_reused_block_buffers_carry_nothing_between_calls(cache_bytes, monkeypat
     again = ssd_torch(**inp, **kw)
     for a, b in zip(fresh, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_double_backward_is_a_clear_error():
+    """The hand-written backward is once-differentiable: first-order grads work under create_graph, a
+    second backward through them raises instead of returning wrong values."""
+    inp = {k: (v.float() if v is not None else None) for k, v in make_case(1, 20, 2, 3, 4, 1, h0=False).items()}
+    x = inp.pop("x").requires_grad_()
+    y = ssd_torch(x, **inp, chunk_size=8, dt_softplus=True)
+    g, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

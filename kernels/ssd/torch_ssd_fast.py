@@ -31,6 +31,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 BLOCK_BYTES = 512 << 10  # target size of the largest per-block temporary (measured: 256-512 KiB beat 2 MiB)
 LOG2E = 1.4426950408889634
@@ -244,6 +245,7 @@ class SSDCore(torch.autograd.Function):
         return y, h.reshape(b, H, P, N)
 
     @staticmethod
+    @once_differentiable  # no double backward: the gradients are computed outside autograd
     def backward(ctx, dy, dh_final):
         x, dt, A, B, C, seq, *h_ins = ctx.saved_tensors
         Q = ctx.Q

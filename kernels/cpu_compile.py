@@ -10,8 +10,10 @@ When it pays (2-core x86 VM, torch 2.13 CPU, one thread, process CPU time; recor
 at short sequences (L <= 256 at batch 1, dim 256, N 16) the compiled scan ran the forward in 0.3-0.6x and
 forward+backward in 0.6-0.9x the time of the eager torch backend; from L 1024 on it is slower than the eager
 backend (which is why it is not the default), it saves (batch, dim, L, N) tensors for the backward like
-mambapy, and every new shape compiles again (4-50 s on that machine). No packed documents (seq_idx) and zoh
-only: use selective_scan_fn for those.
+mambapy, and every new shape compiles again (3-24 s on that machine, 0.1-2.5 s from a warm inductor cache).
+Past torch._dynamo.config.cache_size_limit shapes (8 by default) dynamo runs the functional code eagerly,
+which is several times slower than the eager torch backend: pass dynamic=True for many shapes. No packed
+documents (seq_idx) and zoh only: use selective_scan_fn for those.
 """
 from __future__ import annotations
 

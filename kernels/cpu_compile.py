@@ -12,8 +12,10 @@ forward+backward in 0.6-0.9x the time of the eager torch backend; from L 1024 on
 backend (which is why it is not the default), it saves (batch, dim, L, N) tensors for the backward like
 mambapy, and every new shape compiles again (3-24 s on that machine, 0.1-2.5 s from a warm inductor cache).
 Past torch._dynamo.config.cache_size_limit shapes (8 by default) dynamo runs the functional code eagerly,
-which is several times slower than the eager torch backend: pass dynamic=True for many shapes. No packed
-documents (seq_idx) and zoh only: use selective_scan_fn for those.
+which is several times slower than the eager torch backend (raise the limit for many shapes; dynamic=True
+does not help: the sub-chunk size sqrt(L) specialises on L anyway, 15-20 s per length, and its code ran
+1.1-2x slower than eager at L 64..256). No packed documents (seq_idx) and zoh only: use selective_scan_fn
+for those.
 """
 from __future__ import annotations
 

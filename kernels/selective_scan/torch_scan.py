@@ -340,7 +340,7 @@ class _Layout:
         if M.dim() == 3:
             M = M[:, None]
         # a contiguous copy (small: no channel axis): broadcasting a (.., L, N) view whose N axis has stride L
-        # made every op that reads it ~20x slower than a contiguous one on the CPU
+        # made every op that reads it ~5x slower than a contiguous one on the CPU (100 vs 21 us, (256, 64, 16))
         return M.transpose(-1, -2).contiguous().unsqueeze(2)  # (b, G, 1, L, N)
 
     def unstate(self, dM, M):  # gradient in the state_matrix layout -> M's own layout

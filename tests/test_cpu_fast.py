@@ -138,7 +138,8 @@ def test_nan_stays_in_its_document_across_pieces(sequential, monkeypatch):
 
 def test_last_state_matches_across_piece_sizes(monkeypatch):
     inputs = case(2, 6, 29, 4, "shared")
-    run = lambda: selective_scan_fn(**inputs, delta_softplus=True, return_last_state=True, backend="torch")  # noqa: E731
+    def run():
+        return selective_scan_fn(**inputs, delta_softplus=True, return_last_state=True, backend="torch")
     out, last = run()
     monkeypatch.setattr(torch_scan, "MIN_PIECE_STEPS", 1)
     monkeypatch.setattr(torch_scan, "BACKWARD_BUDGET", 2 * 6 * 4 * 5)

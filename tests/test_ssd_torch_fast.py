@@ -172,3 +172,20 @@ def test_double_backward_is_a_clear_error():
     assert torch.isfinite(g).all()
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("blocks", [None, 1])
+def test_backward_twice_with_retain_graph(blocks, monkeypatch):
+    """A one-block forward saves its block tensors: the backward must leave them untouched (same grads on a
+    second backward with retain_graph); also with several blocks (recomputed)."""
+    if blocks is not None:
+        monkeypatch.setattr(torch_ssd_fast, "BLOCK_BYTES", blocks * 1 * 4 * 8 * 8 * 4)
+    inp = {k: (v.float().requires_grad_() if v is not None else None)
+           for k, v in make_case(1, 30, 4, 3, 5, 2).items()}
+    y, h = ssd_torch(**inp, chunk_size=8, seq_idx=documents(1, 30, (11,)), dt_softplus=True,
+                     return_final_states=True)
+    loss = y.square().sum() + h.sum()
+    first = torch.autograd.grad(loss, [v for v in inp.values() if v is not None], retain_graph=True)
+    second = torch.autograd.grad(loss, [v for v in inp.values() if v is not None])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

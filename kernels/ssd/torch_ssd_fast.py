@@ -86,8 +86,13 @@ def _pad_rows(t, n_to):
 class _Block:
     """Per-block quantities shared by forward and backward."""
 
-    def __init__(self, x, dt, A, B, C, seq, t0, t1, Q, G, R, seq_prev, masks):
+    SAVED = ("dtc", "xdt", "Bc", "Cc", "a", "Lm", "e", "CB", "rowmask", "not_row", "keep")
+
+    def __init__(self, x, dt, A, B, C, seq, t0, t1, Q, G, R, seq_prev, masks, fresh=False):
+        """fresh: allocate the block's own tensors (kept for backward) instead of taking cached buffers."""
         b, _, H, P = x.shape
+        buf = ((lambda name, shape: torch.empty(shape, dtype=x.dtype, device=x.device)) if fresh  # noqa: E731
+               else (lambda name, shape: _buf(name, shape, x)))
         N = B.shape[-1]
         n = t1 - t0
         kb = -(-n // Q)
@@ -96,18 +101,18 @@ class _Block:
         xb = _pad_rows(x[:, t0:t1], T)
         dtb = _pad_rows(dt[:, t0:t1], T)  # dt = 0 on padding: identity steps
         self.xc = xb.reshape(b, kb, Q, G, R, P).permute(0, 3, 4, 1, 2, 5)  # view (b, G, R, kb, Q, P)
-        self.dtc = _buf("dtc", (b, G, R, kb, Q), x).copy_(dtb.reshape(b, kb, Q, G, R).permute(0, 3, 4, 1, 2))
-        self.xdt = torch.mul(self.xc, self.dtc[..., None], out=_buf("xdt", (b, G, R, kb, Q, P), x))
-        self.Bc = _buf("Bc", (b, G, kb, Q, N), x).copy_(_pad_rows(B[:, t0:t1], T).reshape(b, kb, Q, G, N)
+        self.dtc = buf("dtc", (b, G, R, kb, Q)).copy_(dtb.reshape(b, kb, Q, G, R).permute(0, 3, 4, 1, 2))
+        self.xdt = torch.mul(self.xc, self.dtc[..., None], out=buf("xdt", (b, G, R, kb, Q, P)))
+        self.Bc = buf("Bc", (b, G, kb, Q, N)).copy_(_pad_rows(B[:, t0:t1], T).reshape(b, kb, Q, G, N)
                                                          .permute(0, 3, 1, 2, 4))
-        self.Cc = _buf("Cc", (b, G, kb, Q, N), x).copy_(_pad_rows(C[:, t0:t1], T).reshape(b, kb, Q, G, N)
+        self.Cc = buf("Cc", (b, G, kb, Q, N)).copy_(_pad_rows(C[:, t0:t1], T).reshape(b, kb, Q, G, N)
                                                          .permute(0, 3, 1, 2, 4))
         self.shape = (b, G, R, kb, Q)
         self.x = x
         a = self.dtc * A.view(G, R, 1, 1)
         self.a = a
         upper_ninf, lower, _ = masks
-        self.rowmask = self.keep = None
+        self.rowmask = self.keep = self.not_row = None
         # cs: the decay exponent from the chunk start (restarting at each document start), in float64 and
         # in base 2 (exp2 is several times cheaper than exp on CPU); Lm = exp2(cs_t - cs_s) with cs split
         # into float32 hi + lo parts, so the difference keeps ~1 ulp of the segment sum (no cancelled digits)
@@ -130,7 +135,7 @@ class _Block:
         else:
             cs = torch.cumsum(a2, -1)
             add_mask = upper_ninf
-        Lm = _buf("Lm", (b, G, R, kb, Q, Q), x)
+        Lm = buf("Lm", (b, G, R, kb, Q, Q))
         if x.dtype == torch.float64:
             torch.sub(cs[..., :, None], cs[..., None, :], out=Lm)
         else:
@@ -143,9 +148,26 @@ class _Block:
         self.e = torch.exp2(cs).to(x.dtype)
         self.cd = self.e[..., -1]  # (b, G, R, kb)
         self.w = Lm[..., -1, :]  # (b, G, R, kb, Q): decay to the chunk end
-        CB = _buf("CB", (b, G, kb, Q, Q), x)
+        CB = buf("CB", (b, G, kb, Q, Q))
         torch.bmm(self.Cc.view(-1, Q, N), self.Bc.view(-1, Q, N).transpose(1, 2), out=CB.view(-1, Q, Q))
         self.CB = CB  # (b, G, kb, Q, Q)
+
+    @classmethod
+    def restore(cls, x, t0, t1, Q, G, R, tensors):
+        """The block of a one-block forward, from its saved tensors (nothing recomputed)."""
+        self = cls.__new__(cls)
+        b, _, _, P = x.shape
+        self.n = t1 - t0
+        self.kb = -(-self.n // Q)
+        self.T = self.kb * Q
+        self.x = x
+        self.shape = (b, G, R, self.kb, Q)
+        self.xc = _pad_rows(x[:, t0:t1], self.T).reshape(b, self.kb, Q, G, R, P).permute(0, 3, 4, 1, 2, 5)
+        for k, t in zip(cls.SAVED, tensors):
+            setattr(self, k, t)
+        self.cd = self.e[..., -1]
+        self.w = self.Lm[..., -1, :]
+        return self
 
     def wB(self):  # (b, G, R, kb, Q, N): B weighted by the decay to the chunk end
         return torch.mul(self.w[..., None], self.Bc[:, :, None], out=_buf("wB", self.shape + self.Bc.shape[-1:], self.x))
@@ -206,9 +228,12 @@ class SSDCore(torch.autograd.Function):
         y = torch.empty(b, L, H, P, dtype=x.dtype, device=x.device)
         h = h0.reshape(b, G, R, P, N) if h0 is not None else None  # None: zero
         save = any(ctx.needs_input_grad)  # else (no_grad, or no input needs a gradient) nothing is saved
-        h_ins = []
-        for t0, t1 in _blocks(L, Q, kblk):
-            blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks)
+        blocks = _blocks(L, Q, kblk)
+        keep_blk = save and len(blocks) == 1  # one block: save its tensors, the backward recomputes nothing
+        h_ins, kept = [], []
+        for t0, t1 in blocks:
+            blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks,
+                         fresh=keep_blk)
             kb = blk.kb
             if kb == 1 and t1 == L and not need_final:
                 h_in = h[:, :, :, None] if h is not None else x.new_empty(0)
@@ -223,7 +248,11 @@ class SSDCore(torch.autograd.Function):
                     h_in[:, :, :, 0] = h
                 for k in range(kb):
                     h = blk.chain(h_in[:, :, :, k], states, k, h_in[:, :, :, k + 1] if k + 1 < kb else None)
-            M = blk.Lm.mul_(blk.CB[:, :, None])
+            if keep_blk:
+                M = blk.Lm * blk.CB[:, :, None]
+                kept = [getattr(blk, k) for k in _Block.SAVED] + [M]
+            else:
+                M = blk.Lm.mul_(blk.CB[:, :, None])
             yb = _buf("y", (b, G, R, kb, Q, P), x).view(-1, Q, P)
             if kb == 1 and t0 == 0 and h0 is None:  # zero incoming state
                 torch.bmm(M.view(-1, Q, Q), blk.xdt.view(-1, Q, P), out=yb)
@@ -238,7 +267,8 @@ class SSDCore(torch.autograd.Function):
                 h_ins.append(h_in)
         ctx.Q = Q
         ctx.has_h0 = h0 is not None
-        ctx.save_for_backward(x, dt, A, B, C, seq, *h_ins)
+        ctx.n_h = len(h_ins)
+        ctx.save_for_backward(x, dt, A, B, C, seq, *h_ins, *kept)
         ctx.set_materialize_grads(False)
         if h is None:  # not asked for
             return y, x.new_zeros(()).expand(b, H, P, N)
@@ -247,7 +277,8 @@ class SSDCore(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # no double backward: the gradients are computed outside autograd
     def backward(ctx, dy, dh_final):
-        x, dt, A, B, C, seq, *h_ins = ctx.saved_tensors
+        x, dt, A, B, C, seq, *rest = ctx.saved_tensors
+        h_ins, kept = rest[:ctx.n_h], rest[ctx.n_h:]
         Q = ctx.Q
         b, L, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
@@ -267,7 +298,11 @@ class SSDCore(torch.autograd.Function):
         Av = A.view(G, R, 1, 1)
         blocks = _blocks(L, Q, kblk)
         for (t0, t1), h_in in zip(reversed(blocks), reversed(h_ins)):
-            blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0), masks)
+            if kept:
+                blk = _Block.restore(x, t0, t1, Q, G, R, kept[:-1])
+            else:
+                blk = _Block(x, dt, A, B, C, seq, t0, t1, Q, G, R, None if seq is None else _seq_prev(seq, t0),
+                             masks)
             kb, n, T = blk.kb, blk.n, blk.T
             zero_in = kb == 1 and t0 == 0 and not ctx.has_h0  # h_in = 0 and dL/dh_in unused
             if g is None and kb > 1:
@@ -294,7 +329,7 @@ class SSDCore(torch.autograd.Function):
             elif not zero_in:
                 g = dy_in[:, :, :, 0].transpose(-1, -2) @ eC[:, :, :, 0]
             Lm, CB = blk.Lm, blk.CB[:, :, None]
-            M = torch.mul(Lm, CB, out=_buf("M", sh + (Q,), x))
+            M = kept[-1] if kept else torch.mul(Lm, CB, out=_buf("M", sh + (Q,), x))
             dxdt = _buf("dxdt", sh + (P,), x)
             if dh_out is None:
                 torch.bmm(M.view(-1, Q, Q).transpose(1, 2), dyc.view(-1, Q, P), out=dxdt.view(-1, Q, P))
@@ -305,7 +340,7 @@ class SSDCore(torch.autograd.Function):
             torch.bmm(dyc.view(-1, Q, P), blk.xdt.view(-1, Q, P).transpose(1, 2), out=dM.view(-1, Q, Q))
             Gm = dM.mul_(Lm)  # dM o Lm
             dCB = Gm[:, :, 0] if R == 1 else torch.sum(Gm, 2, out=_buf("dCB", (b, G, kb, Q, Q), x))
-            Gm = torch.mul(Gm, CB, out=M)  # Lm o dLm, dLm = dM o CB (M is no longer needed)
+            Gm = torch.mul(Gm, CB, out=_buf("Gm", sh + (Q,), x))  # Lm o dLm, dLm = dM o CB
             tmp_n = _buf("tmp_n", sh + (N,), x)
             if dh_out is not None:
                 dwB = _buf("dwB", sh + (N,), x)

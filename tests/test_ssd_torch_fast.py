@@ -16,7 +16,8 @@ OPTION_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 def make_case(batch, L, H, P, N, G, *, h0=True, D="h", z=True, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return dict(x=r(batch, L, H, P), dt=0.7 * r(batch, L, H), A=-(torch.rand(H, generator=g, dtype=torch.float64) + 0.3),
+    A = -(torch.rand(H, generator=g, dtype=torch.float64) + 0.3)
+    return dict(x=r(batch, L, H, P), dt=0.7 * r(batch, L, H), A=A,
                 B=r(batch, L, G, N), C=r(batch, L, G, N),
                 D={"h": r(H), "hp": r(H, P), None: None}[D], z=r(batch, L, H, P) if z else None,
                 dt_bias=0.5 * r(H) if bias else None, initial_states=r(batch, H, P, N) if h0 else None)

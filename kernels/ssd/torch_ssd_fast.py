@@ -21,7 +21,8 @@ fresh vs 707 us reused, here). Saved for backward: the inputs and each chunk's i
 C B^T are recomputed. Lm = exp2 of base-2 segment exponents: cs in float64 (restarting at each document
 start, as masked row sums, so other documents contribute exact zeros), differenced as float32 hi + lo
 parts (exp2 is ~4x cheaper than exp here). A single-chunk sequence skips the matmuls of a zero incoming
-state (no h0) and of an unused end state (no final state asked for).
+state (no h0) and of an unused end state (no final state asked for). A sequence of one block saves that
+block's tensors instead (its backward recomputes nothing). The backward is once-differentiable.
 NaN isolation across documents as in torch_ssd.py: the carried state is dropped with a select (forward and
 the state gradient in backward), and the incoming state reaches only its own document's rows through a select.
 """
@@ -170,10 +171,12 @@ class _Block:
         return self
 
     def wB(self):  # (b, G, R, kb, Q, N): B weighted by the decay to the chunk end
-        return torch.mul(self.w[..., None], self.Bc[:, :, None], out=_buf("wB", self.shape + self.Bc.shape[-1:], self.x))
+        out = _buf("wB", self.shape + self.Bc.shape[-1:], self.x)
+        return torch.mul(self.w[..., None], self.Bc[:, :, None], out=out)
 
     def eC(self):  # C weighted by the decay from the chunk start
-        return torch.mul(self.e[..., None], self.Cc[:, :, None], out=_buf("eC", self.shape + self.Cc.shape[-1:], self.x))
+        out = _buf("eC", self.shape + self.Cc.shape[-1:], self.x)
+        return torch.mul(self.e[..., None], self.Cc[:, :, None], out=out)
 
     def keep_k(self, k):
         return None if self.keep is None else self.keep[:, :, :, k]

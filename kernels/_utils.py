@@ -73,16 +73,18 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtypes=None, device: 
                  optional: bool = False) -> None:
     """ValueError naming the argument, the expectation and what was given. `shape` entries may be None
     (any size)."""
+    # messages are built only on failure: this runs on every op call (about 15% of a call at L 1)
     if t is None:
-        check(optional, f"{name} is required")
+        if not optional:
+            raise ValueError(f"{name} is required")
         return
-    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if shape is not None:
-        ok = t.dim() == len(shape) and all(s is None or s == a for s, a in zip(shape, t.shape))
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if shape is not None and not (t.dim() == len(shape) and all(s is None or s == a for s, a in zip(shape, t.shape))):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        check(ok, f"{name} must have shape {want}, got {tuple(t.shape)}")
-    if dtypes is not None:
-        check(t.dtype in dtypes, f"{name} must have dtype in {[str(d).replace('torch.', '') for d in dtypes]}, "
-                                 f"got {str(t.dtype).replace('torch.', '')}")
-    if device is not None:
-        check(t.device == device, f"{name} is on {t.device} but the inputs are on {device}")
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d).replace('torch.', '') for d in dtypes]}, "
+                         f"got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")

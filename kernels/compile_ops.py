@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ._utils import resolve_backend
 from .selective_scan.interface import selective_scan_fn, validate_selective_scan
+from .selective_scan.torch_scan import piece_steps, scan_backward, scan_forward
 from .ssd.interface import (mamba_chunk_scan_combined, validate_ssd, validate_varlen, varlen_states,
                             with_varlen_states)
 
@@ -112,15 +113,40 @@ def _scan_eager(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, di
                              discretization=discretization, backend=backend)
 
 
+def _scan_saves_residuals(u: Tensor, backend: Optional[str]) -> bool:
+    """Whether the scan op runs the torch backend's forward / backward directly (saving its residuals) rather
+    than the eager function and a recompute. Decided from the device and backend alone, so the real and fake
+    implementations and the autograd formula agree. Triton is not covered: its autograd.Function saves its
+    own layout (per-chunk boundary states), which would need the same split into plain functions."""
+    return resolve_backend(backend, u) == "torch"
+
+
+def _work(tensors, u: Tensor) -> list:
+    """The torch backend's casts (selective_scan_torch's): every tensor in fp32, float64 for float64 u."""
+    return [None if t is None else t.to(_state_dtype(u)) for t in tensors]
+
+
 @torch.library.custom_op(f"{NAMESPACE}::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], seq_idx: Optional[Tensor],
-                       delta_softplus: bool, discretization: str, backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """(out (batch, dim, L) in u's dtype, last state (batch, dim, N)): selective_scan_fn's results."""
+                       delta_softplus: bool, discretization: str,
+                       backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out (batch, dim, L) in u's dtype, last state (batch, dim, N), y_pre, starts): selective_scan_fn's
+    results, then the torch backend's residuals for the backward (torch_scan.scan_forward's: y_pre
+    (batch, dim, L) with zoh and z, else empty (0,); starts (pieces, batch, dim, N)); empty (0,) tensors
+    for the other backends, whose backward recomputes. Residuals in the state dtype."""
     inputs = (u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    sdt = _state_dtype(u)
     with torch.no_grad():  # the autograd formula below owns differentiation
-        out, last = _scan_eager(*inputs, delta_softplus, discretization, backend)
-    return _fresh(out, u.dtype, inputs), _fresh(last, _state_dtype(u), inputs)
+        if not _scan_saves_residuals(u, backend):
+            out, last = _scan_eager(*inputs, delta_softplus, discretization, backend)
+            y_pre = starts = None
+        else:
+            validate_selective_scan(*inputs, discretization, "torch")
+            out, last, y_pre, starts = scan_forward(*_work(inputs[:8], u), seq_idx, delta_softplus,
+                                                    discretization)
+    empty = lambda t: u.new_empty((0,), dtype=sdt) if t is None else _fresh(t, sdt, inputs)  # noqa: E731
+    return _fresh(out, u.dtype, inputs), _fresh(last, sdt, inputs), empty(y_pre), empty(starts)
 
 
 @selective_scan_fwd.register_fake
@@ -129,7 +155,15 @@ def _(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, discretizati
         validate_selective_scan(u, delta, A, B, C, D, z, delta_bias, seq_idx, discretization,
                                 resolve_backend(backend, u))
     batch, dim, L = u.shape
-    return u.new_empty((batch, dim, L)), u.new_empty((batch, dim, A.shape[1]), dtype=_state_dtype(u))
+    N = A.shape[1]
+    sdt = _state_dtype(u)
+    y_pre, starts = u.new_empty((0,), dtype=sdt), u.new_empty((0,), dtype=sdt)
+    if _scan_saves_residuals(u, backend):
+        if z is not None and discretization == "zoh":
+            y_pre = u.new_empty((batch, dim, L), dtype=sdt)
+        S = piece_steps(batch, dim, N, L, u.is_cuda)
+        starts = u.new_empty(((L + S - 1) // S, batch, dim, N), dtype=sdt)
+    return u.new_empty((batch, dim, L)), u.new_empty((batch, dim, N), dtype=sdt), y_pre, starts
 
 
 @torch.library.custom_op(f"{NAMESPACE}::selective_scan_bwd", mutates_args=())
@@ -137,7 +171,8 @@ def selective_scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: 
                        C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
                        seq_idx: Optional[Tensor], delta_softplus: bool, discretization: str,
                        backend: Optional[str]) -> list[Tensor]:
-    """Gradients for u, delta, A, B, C and each of D, z, delta_bias that is given, in that order."""
+    """Gradients for u, delta, A, B, C and each of D, z, delta_bias that is given, in that order, by
+    recomputing the forward under autograd (the backends that save no residuals here)."""
     return _recompute_grads(lambda *t: _scan_eager(*t, delta_softplus, discretization, backend),
                             (u, delta, A, B, C, D, z, delta_bias, seq_idx), (dout, dlast))
 
@@ -147,14 +182,43 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus,
     return _fake_grads((u, delta, A, B, C, D, z, delta_bias))
 
 
+@torch.library.custom_op(f"{NAMESPACE}::selective_scan_bwd_saved", mutates_args=())
+def selective_scan_bwd_saved(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                             D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                             seq_idx: Optional[Tensor], y_pre: Tensor, starts: Tensor, delta_softplus: bool,
+                             discretization: str) -> list[Tensor]:
+    """The torch backend's backward (torch_scan.scan_backward) from selective_scan_fwd's residuals: no
+    forward recompute (zoh; the other discretizations recompute piece by piece, as in eager). Gradients as
+    selective_scan_bwd's, each in its input's dtype (the last state's gradient is not propagated, as eager)."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    zoh = discretization == "zoh"
+    with (torch.no_grad() if zoh else _autograd_dispatch()):
+        grads = scan_backward(*_work((dout, *inputs), u), seq_idx, y_pre if zoh and z is not None else None,
+                              starts, delta_softplus, discretization)
+    everything = (dout, *inputs, seq_idx, y_pre, starts)
+    return [_fresh(g, t.dtype, everything) for t, g in zip(inputs, grads) if t is not None]
+
+
+@selective_scan_bwd_saved.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, starts, delta_softplus, discretization):
+    return _fake_grads((u, delta, A, B, C, D, z, delta_bias))
+
+
 def _scan_setup_context(ctx, inputs, output):
     *tensors, ctx.delta_softplus, ctx.discretization, ctx.backend = inputs
-    ctx.save_for_backward(*tensors)
+    _, last, y_pre, starts = output
+    ctx.mark_non_differentiable(last, y_pre, starts)  # no gradient flows from them (as eager's last state)
+    ctx.residuals = _scan_saves_residuals(tensors[0], ctx.backend)
+    ctx.save_for_backward(*tensors, *((y_pre, starts) if ctx.residuals else ()))
 
 
-def _scan_backward(ctx, dout, dlast):
+def _scan_backward(ctx, dout, dlast, dy_pre, dstarts):
     tensors = ctx.saved_tensors
-    grads = selective_scan_bwd(dout, dlast, *tensors, ctx.delta_softplus, ctx.discretization, ctx.backend)
+    if ctx.residuals:
+        *tensors, y_pre, starts = tensors
+        grads = selective_scan_bwd_saved(dout, *tensors, y_pre, starts, ctx.delta_softplus, ctx.discretization)
+    else:
+        grads = selective_scan_bwd(dout, dlast, *tensors, ctx.delta_softplus, ctx.discretization, ctx.backend)
     return _unpack_grads(tensors, grads) + (None, None, None)
 
 
@@ -164,8 +228,8 @@ selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_c
 def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             return_last_state=False, seq_idx=None, discretization="zoh", backend=None):
     """selective_scan_fn (same signature, results and gradients) as one graph node under torch.compile."""
-    out, last = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, bool(delta_softplus),
-                                   discretization, backend)
+    out, last, _, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, bool(delta_softplus),
+                                         discretization, backend)
     return (out, last) if return_last_state else out
 
 

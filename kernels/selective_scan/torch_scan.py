@@ -350,17 +350,20 @@ class _Layout:
             return dM[:, 0, 0].transpose(-1, -2)
         return dM[:, :, 0].transpose(-1, -2)
 
-    def segment_len(self) -> int:
-        return max(1, min(self.L, SEGMENT_BUDGET // max(1, self.batch * self.dim * self.N)))
-
     def piece_len(self, cuda: bool) -> int:
-        """Steps per piece: the forward saves each piece's start state and the backward runs piece by
-        piece. CPU: pieces of ~BACKWARD_BUDGET elements per (b, dim, S, N) tensor (in cache), at least
-        MIN_PIECE_STEPS steps (per-piece overhead); GPU: whole segments (fewer kernel launches)."""
-        S = self.segment_len()
-        if cuda:
-            return S
-        return min(S, max(MIN_PIECE_STEPS, BACKWARD_BUDGET // max(1, self.batch * self.dim * self.N)))
+        return piece_steps(self.batch, self.dim, self.N, self.L, cuda)
+
+
+def piece_steps(batch, dim, N, L, cuda: bool):
+    """Steps per piece: the forward saves each piece's start state and the backward runs piece by piece.
+    CPU: pieces of ~BACKWARD_BUDGET elements per (b, dim, S, N) tensor (in cache), at least MIN_PIECE_STEPS
+    steps (per-piece overhead); GPU: whole segments of ~SEGMENT_BUDGET elements (fewer kernel launches).
+    Plain int arithmetic (also on symbolic sizes: compile_ops' fake implementation counts the pieces)."""
+    per_step = max(1, batch * dim * N)
+    S = max(1, min(L, SEGMENT_BUDGET // per_step))
+    if cuda:
+        return S
+    return min(S, max(MIN_PIECE_STEPS, BACKWARD_BUDGET // per_step))
 
 
 def _sl(x, s, e, dim=-1):
@@ -396,83 +399,113 @@ def _piece_forward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, bu
     return out, x[..., -1, :].clone(), y
 
 
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, softplus, discretization):
+    """No-grad forward on work-dtype inputs (fp32 or float64; validated, as selective_scan_fn's).
+    Returns (out (batch, dim, L), last state (batch, dim, N), y_pre, starts): the residuals that scan_backward
+    needs besides the inputs. y_pre (batch, dim, L): the output before the z gate (zoh with z; else None),
+    cheaper to keep than to recompute for dz; starts (pieces, batch, dim, N): every piece's start state
+    (pieces = ceil(L / piece_steps(...))), so the backward recomputes nothing across pieces. All dense."""
+    lay = _Layout(u, A, B, C, seq_idx)
+    S = lay.piece_len(u.is_cuda)
+    uu, dd, zz = lay.chan(u), lay.chan(delta), lay.chan(z)
+    AA, DD, bb = lay.chan(A), lay.chan(D), lay.chan(delta_bias)
+    BB, CC = lay.state_matrix(B), lay.state_matrix(C)
+    h = u.new_zeros(lay.batch, lay.G, lay.Dg, lay.N)
+    outs, starts, pre_gate = [], [], []
+    zoh = discretization == "zoh"
+    bufs = [u.new_empty(lay.batch, lay.G, lay.Dg, min(S, lay.L), lay.N) for _ in range(3)] if zoh else None
+    for s in range(0, lay.L, S):
+        e = min(s + S, lay.L)
+        starts.append(h)
+        args = (_sl(uu, s, e), _sl(dd, s, e), AA, _time_slice(BB, s, e), _time_slice(CC, s, e), DD, _sl(zz, s, e),
+                bb, _sl(lay.keep, s, e), h, softplus)
+        y, h, y_pre = _piece_forward(*args, bufs=bufs) if zoh else _segment_fast(*args, discretization)
+        outs.append(y)
+        pre_gate.append(y_pre)
+    y_pre = torch.cat(pre_gate, -1).reshape(lay.batch, lay.dim, lay.L) if z is not None and zoh else None
+    out = torch.cat(outs, -1).reshape(lay.batch, lay.dim, lay.L)
+    return out, h.reshape(lay.batch, lay.dim, lay.N), y_pre, torch.stack(starts).view(-1, lay.batch, lay.dim, lay.N)
+
+
+def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, starts, softplus, discretization,
+                  needs_grad=True):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of scan_forward's out (None for absent options)
+    from dout and scan_forward's inputs and residuals; the last state's gradient is not propagated (as
+    upstream). zoh: hand-written, piece by piece from the last; the other discretizations recompute each
+    piece under autograd (the caller must let autograd record; needs_grad False skips that work)."""
+    lay = _Layout(u, A, B, C, seq_idx)
+    S = lay.piece_len(u.is_cuda)
+    pieces = -(-lay.L // S)
+    if tuple(starts.shape) != (pieces, lay.batch, lay.dim, lay.N):
+        raise ValueError(f"starts must have shape {(pieces, lay.batch, lay.dim, lay.N)} (one start state per "
+                         f"piece of {S} steps), got {tuple(starts.shape)}")
+    if discretization == "zoh" and z is not None and (y_pre is None or y_pre.shape != u.shape):
+        raise ValueError(f"y_pre must have shape {tuple(u.shape)} (zoh with z), got "
+                         f"{None if y_pre is None else tuple(y_pre.shape)}")
+    starts = starts.view(pieces, lay.batch, lay.G, lay.Dg, lay.N)
+    if discretization != "zoh":
+        return _backward_by_recompute(needs_grad, dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, starts,
+                                      softplus, discretization, S)
+    uu, dd, zz = lay.chan(u), lay.chan(delta), lay.chan(z)
+    AA, DD, bb = lay.chan(A), lay.chan(D), lay.chan(delta_bias)
+    BB, CC = lay.state_matrix(B), lay.state_matrix(C)
+    dout = lay.chan(dout.contiguous())
+    y_pre = lay.chan(y_pre)
+    du, ddelta = torch.empty_like(uu), torch.empty_like(dd)
+    dz = torch.empty_like(zz) if z is not None else None
+    dBB, dCC = torch.zeros(BB.shape, dtype=u.dtype, device=u.device), torch.zeros(CC.shape, dtype=u.dtype,
+                                                                                   device=u.device)
+    dA = torch.zeros_like(AA)
+    dD = torch.zeros_like(DD) if D is not None else None
+    dbias = torch.zeros_like(bb) if delta_bias is not None else None
+    carry = None
+    # the forward saved every piece's start state: the backward runs piece by piece from the last
+    bufs = [u.new_empty(lay.batch, lay.G, lay.Dg, min(S, lay.L), lay.N) for _ in range(2)]
+    for i in reversed(range(pieces)):
+        s, e = i * S, min(i * S + S, lay.L)
+        g_u, g_delta, g_z, g_B, g_C, g_A, g_D, g_bias, carry = _segment_backward(
+            _sl(uu, s, e), _sl(dd, s, e), AA, _time_slice(BB, s, e), _time_slice(CC, s, e), DD, _sl(zz, s, e),
+            bb, _sl(lay.keep, s, e), starts[i], softplus, dout[..., s:e], carry, _sl(y_pre, s, e), bufs)
+        du[..., s:e], ddelta[..., s:e] = g_u, g_delta
+        if dz is not None:
+            dz[..., s:e] = g_z
+        for full, part in ((dBB, g_B), (dCC, g_C)):
+            if full.shape[-2] == 1:  # one matrix for every step: sum over pieces
+                full += part
+            else:
+                full[..., s:e, :] = part
+        dA += g_A
+        if dD is not None:
+            dD += g_D
+        if dbias is not None:
+            dbias += g_bias
+    flat = lambda x, ref: None if x is None else x.reshape(ref.shape)  # noqa: E731
+    return (flat(du, u), flat(ddelta, delta), flat(dA, A), lay.unstate(dBB, B), lay.unstate(dCC, C), flat(dD, D),
+            flat(dz, z), flat(dbias, delta_bias))
+
+
 class _SelectiveScanTorch(torch.autograd.Function):
+    """Thin autograd wrapper over scan_forward / scan_backward (kernels/compile_ops.py calls them directly)."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, seq_idx, softplus, discretization):
-        lay = _Layout(u, A, B, C, seq_idx)
-        S = lay.piece_len(u.is_cuda)
-        uu, dd, zz = lay.chan(u), lay.chan(delta), lay.chan(z)
-        AA, DD, bb = lay.chan(A), lay.chan(D), lay.chan(delta_bias)
-        BB, CC = lay.state_matrix(B), lay.state_matrix(C)
-        h = u.new_zeros(lay.batch, lay.G, lay.Dg, lay.N)
-        outs, starts, pre_gate = [], [], []
-        zoh = discretization == "zoh"
-        bufs = [u.new_empty(lay.batch, lay.G, lay.Dg, min(S, lay.L), lay.N) for _ in range(3)] if zoh else None
-        for s in range(0, lay.L, S):
-            e = min(s + S, lay.L)
-            starts.append(h)
-            args = (_sl(uu, s, e), _sl(dd, s, e), AA, _time_slice(BB, s, e), _time_slice(CC, s, e), DD, _sl(zz, s, e),
-                    bb, _sl(lay.keep, s, e), h, softplus)
-            y, h, y_pre = _piece_forward(*args, bufs=bufs) if zoh else _segment_fast(*args, discretization)
-            outs.append(y)
-            pre_gate.append(y_pre)
-        # the output before the z gate, for dz: (b, dim, L), cheaper to keep than to recompute
-        y_pre = torch.cat(pre_gate, -1) if z is not None and zoh else None
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, *starts)
-        ctx.cfg = (softplus, discretization, S)
-        out = torch.cat(outs, -1).reshape(lay.batch, lay.dim, lay.L)
-        return out, h.reshape(lay.batch, lay.dim, lay.N)
+        out, last, y_pre, starts = scan_forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, softplus,
+                                                discretization)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, starts)
+        ctx.cfg = (softplus, discretization)
+        return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):  # the last state's gradient is not propagated (as upstream)
-        u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, *starts = ctx.saved_tensors
-        softplus, discretization, S = ctx.cfg
-        if discretization != "zoh":
-            return _backward_by_recompute(ctx, dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, starts, softplus,
-                                          discretization, S)
-        lay = _Layout(u, A, B, C, seq_idx)
-        uu, dd, zz = lay.chan(u), lay.chan(delta), lay.chan(z)
-        AA, DD, bb = lay.chan(A), lay.chan(D), lay.chan(delta_bias)
-        BB, CC = lay.state_matrix(B), lay.state_matrix(C)
-        dout = lay.chan(dout.contiguous())
-        du, ddelta = torch.empty_like(uu), torch.empty_like(dd)
-        dz = torch.empty_like(zz) if z is not None else None
-        dBB, dCC = torch.zeros(BB.shape, dtype=u.dtype, device=u.device), torch.zeros(CC.shape, dtype=u.dtype,
-                                                                                       device=u.device)
-        dA = torch.zeros_like(AA)
-        dD = torch.zeros_like(DD) if D is not None else None
-        dbias = torch.zeros_like(bb) if delta_bias is not None else None
-        carry = None
-        # the forward saved every piece's start state: the backward runs piece by piece from the last
-        bufs = [u.new_empty(lay.batch, lay.G, lay.Dg, min(S, lay.L), lay.N) for _ in range(2)]
-        for i in reversed(range(len(starts))):
-            s, e = i * S, min(i * S + S, lay.L)
-            g_u, g_delta, g_z, g_B, g_C, g_A, g_D, g_bias, carry = _segment_backward(
-                _sl(uu, s, e), _sl(dd, s, e), AA, _time_slice(BB, s, e), _time_slice(CC, s, e), DD, _sl(zz, s, e),
-                bb, _sl(lay.keep, s, e), starts[i], softplus, dout[..., s:e], carry, _sl(y_pre, s, e), bufs)
-            du[..., s:e], ddelta[..., s:e] = g_u, g_delta
-            if dz is not None:
-                dz[..., s:e] = g_z
-            for full, part in ((dBB, g_B), (dCC, g_C)):
-                if full.shape[-2] == 1:  # one matrix for every step: sum over pieces
-                    full += part
-                else:
-                    full[..., s:e, :] = part
-            dA += g_A
-            if dD is not None:
-                dD += g_D
-            if dbias is not None:
-                dbias += g_bias
-        flat = lambda x, ref: None if x is None else x.reshape(ref.shape)  # noqa: E731
-        return (flat(du, u), flat(ddelta, delta), flat(dA, A), lay.unstate(dBB, B), lay.unstate(dCC, C), flat(dD, D),
-                flat(dz, z), flat(dbias, delta_bias), None, None, None)
+        grads = scan_backward(dout, *ctx.saved_tensors, *ctx.cfg, needs_grad=any(ctx.needs_input_grad))
+        return (*grads, None, None, None)
 
 
-def _backward_by_recompute(ctx, dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, starts, softplus, discretization,
+def _backward_by_recompute(need, dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, starts, softplus, discretization,
                            S):
-    """Backward for the bilinear discretization: recompute each segment under autograd."""
+    """Backward for the bilinear and zoh_exact discretizations: recompute each piece under autograd from its
+    saved start state (starts (pieces, b, G, Dg, N)). need: whether any gradient is wanted."""
     lay = _Layout(u, A, B, C, seq_idx)
-    need = ctx.needs_input_grad
     leaf = lambda x: None if x is None else x.detach().requires_grad_()  # noqa: E731
     A_, B_, C_, D_, bias_ = leaf(A), leaf(B), leaf(C), leaf(D), leaf(delta_bias)
     grads = {k: None for k in ("u", "delta", "z")}
@@ -520,7 +553,7 @@ def _backward_by_recompute(ctx, dout, u, delta, A, B, C, D, z, delta_bias, seq_i
     g_or_zero = lambda x, ref: (x if x is not None else torch.zeros_like(ref)) if ref is not None else None  # noqa: E731
     return (du, ddelta, g_or_zero(A_.grad, A), g_or_zero(dB, B), g_or_zero(dC, C),
             g_or_zero(D_.grad if D_ is not None else None, D), dz,
-            g_or_zero(bias_.grad if bias_ is not None else None, delta_bias), None, None, None) if any(need) else (None,) * 11
+            g_or_zero(bias_.grad if bias_ is not None else None, delta_bias)) if need else (None,) * 8
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -7,17 +7,30 @@ Functions, Python loops), AOTAutograd and Inductor see only its fake implementat
 strides) and its autograd formula.
 
 Design choices:
-- Each op's real implementation calls the public eager function with the caller's `backend`; the backend is
-  resolved when the op runs, as an eager call resolves it. No recursion: torch.compiler.is_compiling() is
+- Each op's real implementation calls the public eager function with the caller's `backend` (the scan with
+  the torch backend: its plain forward function, see below); the backend is resolved when the op runs, as
+  an eager call resolves it. No recursion: torch.compiler.is_compiling() is
   False when a compiled graph runs the op (every compiled test in tests/test_compile_ops.py would otherwise
   recurse without end).
-- Backward is a second custom op that recomputes the forward under autograd with the same eager function
-  and calls torch.autograd.grad. This costs one extra forward per backward, but stays exact for every backend
-  and every option (seq_idx, bilinear, initial states...) without depending on any backend's internal
-  saved-tensor layout. Gradients flow exactly where the eager function's do (whatever a backend does with
-  the last / final state's gradient, it does in eager and compiled alike).
-- Outputs are new dense (row-major) tensors of fixed dtypes (out like u / x; states float32, float64 for
-  float64 inputs), so the fake implementations state exact strides and Inductor's stride checks hold.
+- Backward, scan with the torch backend: the forward op runs torch_scan.scan_forward itself and returns its
+  residuals (the output before the z gate, every piece's start state) as two extra outputs, saved for a
+  second op that runs torch_scan.scan_backward on them: no forward recompute, the same functions as the
+  eager autograd.Function (results bit-identical). The residual outputs exist for every backend (empty
+  (0,) tensors where unused), so the schema is fixed; their shapes follow from the inputs' shapes alone
+  (torch_scan.piece_steps), which the fake implementation states, symbolic lengths included.
+- Backward, every other case (scan with triton / ref, SSD): a second custom op recomputes the forward under
+  autograd with the same eager function and calls torch.autograd.grad. This costs one extra forward per
+  backward, but stays exact for every option (seq_idx, bilinear, initial states...) without depending on
+  the backend's internal saved-tensor layout (Triton's scan saves per-chunk boundary states inside its
+  autograd.Function; the same split into plain forward / backward functions would let it save residuals
+  too). Gradients flow exactly where the eager function's do (whatever a backend does with the last /
+  final state's gradient, it does in eager and compiled alike).
+- Inductor's and AOTAutograd's on-disk caches key on the traced graph, not on this file: after a change
+  here a warm cache (TORCHINDUCTOR_CACHE_DIR) can hand back graphs built with the old registrations (seen:
+  the old recomputing backward after the residual outputs were added). Clear it, or set
+  TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, when timing a change.
+- Outputs are new dense (row-major) tensors of fixed dtypes (out like u / x; states and residuals float32,
+  float64 for float64 inputs), so the fake implementations state exact strides and Inductor's stride checks hold.
 - The fake implementations run the eager argument checks, so bad input raises the eager ValueError while
   compiling, before anything runs (with concrete shapes; under dynamic shapes the op's own call checks).
 """
@@ -206,8 +219,8 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, starts, delta_s
 
 def _scan_setup_context(ctx, inputs, output):
     *tensors, ctx.delta_softplus, ctx.discretization, ctx.backend = inputs
-    _, last, y_pre, starts = output
-    ctx.mark_non_differentiable(last, y_pre, starts)  # no gradient flows from them (as eager's last state)
+    _, _, y_pre, starts = output
+    ctx.mark_non_differentiable(y_pre, starts)  # the last state stays differentiable: the ref backend uses it
     ctx.residuals = _scan_saves_residuals(tensors[0], ctx.backend)
     ctx.save_for_backward(*tensors, *((y_pre, starts) if ctx.residuals else ()))
 

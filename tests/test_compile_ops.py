@@ -18,7 +18,9 @@ from torch.utils._pytree import tree_leaves
 
 import kernels
 from helpers import CUDA, TRITON_DEVICE, rel
-from kernels.compile_ops import selective_scan_fwd, ssd_fwd
+from kernels import compile_ops
+from kernels.compile_ops import selective_scan_bwd_saved, selective_scan_fwd, ssd_fwd
+from kernels.selective_scan import torch_scan
 
 SCAN_OP = torch.ops.nanogpt_mamba.selective_scan_fwd.default
 SSD_OP = torch.ops.nanogpt_mamba.ssd_fwd.default
@@ -266,3 +268,160 @@ def test_mot_mamba_model_compiles_without_graph_breaks():
     grads = check_compiled(model, args, params, [SCAN_OP])
     mixer = [g for n, g in zip(names, grads) if n.startswith("mot.encoder.mixer.")]
     assert mixer and all(g is not None and g.abs().sum() > 0 for g in mixer)  # the char Mamba gets gradients
+
+
+# ---------------------------------------------------------------- the scan op's saved residuals (torch backend)
+
+@pytest.fixture
+def short_pieces(monkeypatch):
+    """Pieces of 4 steps (at these sizes the torch scan's pieces are otherwise ~5000 steps long, one piece):
+    several start states saved, a partial last piece. The fake implementation counts pieces the same way."""
+    monkeypatch.setattr(torch_scan, "BACKWARD_BUDGET", 1)
+    monkeypatch.setattr(torch_scan, "MIN_PIECE_STEPS", 4)
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    """Counts calls of the torch scan's piece forwards (zoh and the other discretizations) and of
+    compile_ops' eager recompute, the work a recomputing backward would do."""
+    calls = []
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+    for module, name in ((torch_scan, "_piece_forward"), (torch_scan, "_segment_fast"), (compile_ops, "_scan_eager")):
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    return calls
+
+
+def residual_args(options, dtype, L, seed=3):
+    """Fresh random selective_scan_fn arguments in `dtype`; options: a set of "seq_idx", "D", "z", "delta_bias"
+    (each on or off), B and C input-dependent with 2 groups, time-invariant with "fixed_BC"."""
+    g = torch.Generator().manual_seed(seed)
+    batch, dim, N = 2, 4, 3
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=dtype) * scale).requires_grad_()  # noqa: E731
+    kw = dict(u=r(batch, dim, L), delta=r(batch, dim, L, scale=0.5),
+              A=(-torch.rand(dim, N, generator=g, dtype=dtype) - 0.5).requires_grad_(),
+              B=r(dim, N) if "fixed_BC" in options else r(batch, 2, N, L),
+              C=r(dim, N) if "fixed_BC" in options else r(batch, 2, N, L), delta_softplus=True, backend="torch")
+    if "D" in options:
+        kw["D"] = r(dim)
+    if "z" in options:
+        kw["z"] = r(batch, dim, L)
+    if "delta_bias" in options:
+        kw["delta_bias"] = r(dim, scale=0.5)
+    if "seq_idx" in options:  # three documents in row 0 (the second starts mid-piece), one in row 1
+        kw["seq_idx"] = torch.tensor([[0] * (L // 3) + [1] * (L // 3) + [2] * (L - 2 * (L // 3)), [0] * L])
+    return kw
+
+
+def outputs_and_grads(fn, kw, last_weight=1.0):
+    """fn's (out, last state) and the gradients of a weighted sum of them w.r.t. every input needing one."""
+    out, last = fn(**kw)
+    g = torch.Generator().manual_seed(9)
+    w_out, w_last = torch.randn(out.shape, generator=g).to(out), torch.randn(last.shape, generator=g).to(last)
+    loss = (out * w_out).sum() + last_weight * (last * w_last).sum()
+    return (out, last), torch.autograd.grad(loss, requiring_grad(kw))
+
+
+RESIDUAL_OPTIONS = [set(), {"seq_idx"}, {"D", "z", "delta_bias"}, {"seq_idx", "D", "z", "delta_bias"},
+                    {"z", "fixed_BC"}]
+
+
+@pytest.mark.parametrize("options", RESIDUAL_OPTIONS, ids=lambda o: "+".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_scan_backward_uses_the_saved_residuals(options, dtype, short_pieces, forward_calls):
+    """torch backend: the backward op runs the hand-written backward from the forward's residuals (no forward
+    call of any kind while it runs), bit-identical to eager; float64 matches the sequential reference."""
+    L = 11  # pieces of 4, 4, 3 steps
+    kw = residual_args(options, dtype, L)
+    torch._dynamo.reset()
+    compiled = torch.compile(scan_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
+    out, last = compiled(**kw)
+    assert forward_calls == ["_piece_forward"] * 3  # one per piece, straight from the op (no eager dispatch)
+    g = torch.Generator().manual_seed(9)
+    loss = (out * torch.randn(out.shape, generator=g).to(out)).sum() + (last * torch.randn(last.shape, generator=g)
+                                                                         .to(last)).sum()
+    forward_calls.clear()
+    compiled_grads = torch.autograd.grad(loss, requiring_grad(kw))
+    assert forward_calls == []
+    eager, eager_grads = outputs_and_grads(scan_outputs, kw)
+    for c, e in zip((out, last, *compiled_grads), (*eager, *eager_grads), strict=True):
+        assert c.dtype == e.dtype and c.shape == e.shape and torch.equal(c, e)
+    if dtype == torch.float64:  # the last state's gradient is not propagated by the torch backend: out only
+        ref, ref_grads = outputs_and_grads(scan_outputs, dict(kw, backend="ref"), last_weight=0.0)
+        _, got_grads = outputs_and_grads(compiled, kw, last_weight=0.0)
+        for c, e in zip((out, last, *got_grads), (*ref, *ref_grads), strict=True):
+            assert rel(c, e) < 1e-12
+
+
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh_exact"])
+def test_compiled_scan_other_discretizations_recompute_per_piece_only(discretization, short_pieces, forward_calls):
+    """The other discretizations' eager backward recomputes each piece under autograd from its saved start
+    state (torch_scan._segment); compiled, it does the same inside the op, with no whole forward."""
+    kw = dict(residual_args({"seq_idx", "D", "z", "delta_bias"}, torch.float64, 10), discretization=discretization)
+    torch._dynamo.reset()
+    compiled = torch.compile(scan_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
+    got, got_grads = outputs_and_grads(compiled, kw)
+    assert forward_calls == ["_segment_fast"] * 3  # the forward's pieces only
+    eager, eager_grads = outputs_and_grads(scan_outputs, kw)
+    for c, e in zip((*got, *got_grads), (*eager, *eager_grads), strict=True):
+        assert torch.equal(c, e)
+    ref, ref_grads = outputs_and_grads(scan_outputs, dict(kw, backend="ref"), last_weight=0.0)
+    _, got_grads = outputs_and_grads(compiled, kw, last_weight=0.0)
+    for c, e in zip((*got, *got_grads), (*ref, *ref_grads), strict=True):
+        assert rel(c, e) < 1e-12
+
+
+def test_compiled_scan_residuals_under_dynamic_shapes(short_pieces):
+    """Symbolic lengths: the fake implementation's piece count (2 to 4 pieces here) follows the length."""
+    torch._dynamo.reset()
+    compiled = torch.compile(scan_outputs, backend="aot_eager", fullgraph=True, dynamic=True)
+    for L in (9, 6, 13, 8, 1):
+        kw = residual_args({"seq_idx", "D", "z", "delta_bias"}, torch.float32, L)
+        got, got_grads = outputs_and_grads(compiled, kw)
+        eager, eager_grads = outputs_and_grads(scan_outputs, kw)
+        for c, e in zip((*got, *got_grads), (*eager, *eager_grads), strict=True):
+            assert rel(c, e) < TOL
+
+
+def test_other_backends_keep_the_recompute(forward_calls):
+    """The ref backend (as triton) saves no residuals: empty residual outputs, the backward recomputes."""
+    kw = dict(residual_args({"seq_idx", "D", "z"}, torch.float32, 6), backend="ref")
+    _, _, y_pre, starts = selective_scan_fwd(*(kw.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z",
+                                                                    "delta_bias", "seq_idx")), True, "zoh", "ref")
+    assert y_pre.shape == starts.shape == (0,)
+    forward_calls.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(scan_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
+    got, got_grads = outputs_and_grads(compiled, kw)
+    assert forward_calls.count("_scan_eager") == 2  # forward, then the backward's recompute
+    eager, eager_grads = outputs_and_grads(scan_outputs, kw)
+    for c, e in zip((*got, *got_grads), (*eager, *eager_grads), strict=True):
+        assert rel(c, e) < TOL
+
+
+@pytest.mark.parametrize("L", [12, 10])
+def test_opcheck_scan_with_residuals(L, short_pieces):
+    """Both ops with several pieces (a whole number of pieces, and a partial last one): the fake
+    implementations' residual shapes (piece count) and the backward op's registration."""
+    kw = residual_args({"seq_idx", "D", "z", "delta_bias"}, torch.float32, L)
+    args = [kw.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "seq_idx")]
+    torch.library.opcheck(selective_scan_fwd, (*args, True, "zoh", "torch"))
+    detached = [a.detach() if a is not None and a.is_floating_point() else a for a in args]
+    out, last, y_pre, starts = selective_scan_fwd(*detached, True, "zoh", "torch")
+    assert y_pre.shape == (2, 4, L) and starts.shape == (3, 2, 4, 3)  # pieces of 4, 4, 4 / 4, 4, 2 steps
+    torch.library.opcheck(selective_scan_bwd_saved, (torch.randn_like(out), *detached, y_pre, starts, True, "zoh"))
+
+
+def test_scan_backward_rejects_wrong_residuals(short_pieces):
+    kw = residual_args({"z"}, torch.float32, 10)
+    args = [kw.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args = [a.detach() if a is not None else None for a in args]
+    out, _, y_pre, starts = torch_scan.scan_forward(*args, None, True, "zoh")
+    with pytest.raises(ValueError, match=r"starts must have shape \(3, 2, 4, 3\)"):
+        torch_scan.scan_backward(out, *args, None, y_pre, starts[:2], True, "zoh")
+    with pytest.raises(ValueError, match=r"y_pre must have shape \(2, 4, 10\)"):
+        torch_scan.scan_backward(out, *args, None, None, starts, True, "zoh")

@@ -8,23 +8,26 @@ strides) and its autograd formula.
 
 Design choices:
 - Each op's real implementation calls the public eager function with the caller's `backend` (the scan with
-  the torch backend: its plain forward function, see below); the backend is resolved when the op runs, as
-  an eager call resolves it. No recursion: torch.compiler.is_compiling() is
+  the torch or triton backend: that backend's plain forward function, see below); the backend is resolved
+  when the op runs, as an eager call resolves it. No recursion: torch.compiler.is_compiling() is
   False when a compiled graph runs the op (every compiled test in tests/test_compile_ops.py would otherwise
   recurse without end).
-- Backward, scan with the torch backend: the forward op runs torch_scan.scan_forward itself and returns its
-  residuals (the output before the z gate, every piece's start state) as two extra outputs, saved for a
-  second op that runs torch_scan.scan_backward on them: no forward recompute, the same functions as the
-  eager autograd.Function (results bit-identical). The residual outputs exist for every backend (empty
-  (0,) tensors where unused), so the schema is fixed; their shapes follow from the inputs' shapes alone
-  (torch_scan.piece_steps), which the fake implementation states, symbolic lengths included.
-- Backward, every other case (scan with triton / ref, SSD): a second custom op recomputes the forward under
-  autograd with the same eager function and calls torch.autograd.grad. This costs one extra forward per
-  backward, but stays exact for every option (seq_idx, bilinear, initial states...) without depending on
-  the backend's internal saved-tensor layout (Triton's scan saves per-chunk boundary states inside its
-  autograd.Function; the same split into plain forward / backward functions would let it save residuals
-  too). Gradients flow exactly where the eager function's do (whatever a backend does with the last /
-  final state's gradient, it does in eager and compiled alike).
+- Backward, scan with the torch or triton backend: the forward op runs the backend's plain forward function
+  itself and returns its residuals as two extra outputs (torch_scan.scan_forward: the output before the z
+  gate and every piece's start state; triton_scan.selective_scan_fwd: the per-chunk boundary states), saved
+  for a second op that runs the matching backward function on them (torch_scan.scan_backward,
+  triton_scan.selective_scan_bwd): no forward recompute, the same functions as the eager
+  autograd.Functions (results bit-identical). The residual outputs exist for every backend (empty (0,)
+  tensors where unused), so the schema is fixed; their shapes follow from the inputs' shapes alone
+  (torch_scan.piece_steps, triton_scan.chunk_size), which the fake implementation states, symbolic
+  lengths included.
+- Backward, every other case (scan with ref, SSD): a second custom op recomputes the forward under autograd
+  with the same eager function and calls torch.autograd.grad. This costs one extra forward per backward,
+  but stays exact for every option (seq_idx, initial states...) without depending on the backend's saved
+  tensors (the SSD backends keep theirs inside their autograd.Functions; splitting those into plain
+  forward / backward functions, as the scan's, would let the SSD op save residuals too). Gradients flow
+  exactly where the eager function's do (whatever a backend does with the last / final state's gradient,
+  it does in eager and compiled alike).
 - Inductor's and AOTAutograd's on-disk caches key on the traced graph, not on this file: after a change
   here a warm cache (TORCHINDUCTOR_CACHE_DIR) can hand back graphs built with the old registrations (seen:
   the old recomputing backward after the residual outputs were added). Clear it, or set
@@ -42,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ._utils import resolve_backend
-from .selective_scan.interface import selective_scan_fn, validate_selective_scan
+from .selective_scan.interface import _time_contiguous, selective_scan_fn, validate_selective_scan
 from .selective_scan.torch_scan import piece_steps, scan_backward, scan_forward
 from .ssd.interface import (mamba_chunk_scan_combined, validate_ssd, validate_varlen, varlen_states,
                             with_varlen_states)
@@ -126,12 +129,13 @@ def _scan_eager(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, di
                              discretization=discretization, backend=backend)
 
 
-def _scan_saves_residuals(u: Tensor, backend: Optional[str]) -> bool:
-    """Whether the scan op runs the torch backend's forward / backward directly (saving its residuals) rather
-    than the eager function and a recompute. Decided from the device and backend alone, so the real and fake
-    implementations and the autograd formula agree. Triton is not covered: its autograd.Function saves its
-    own layout (per-chunk boundary states), which would need the same split into plain functions."""
-    return resolve_backend(backend, u) == "torch"
+def _scan_residual_backend(u: Tensor, backend: Optional[str]) -> Optional[str]:
+    """"torch" or "triton" where the scan op runs that backend's plain forward / backward functions itself
+    (saving their residuals), None (ref) where it calls the eager function and the backward recomputes.
+    Decided from the device and backend alone, so the real and fake implementations and the autograd
+    formula agree."""
+    name = resolve_backend(backend, u)
+    return name if name in ("torch", "triton") else None
 
 
 def _work(tensors, u: Tensor) -> list:
@@ -145,19 +149,26 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        delta_softplus: bool, discretization: str,
                        backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out (batch, dim, L) in u's dtype, last state (batch, dim, N), y_pre, starts): selective_scan_fn's
-    results, then the torch backend's residuals for the backward (torch_scan.scan_forward's: y_pre
-    (batch, dim, L) with zoh and z, else empty (0,); starts (pieces, batch, dim, N)); empty (0,) tensors
-    for the other backends, whose backward recomputes. Residuals in the state dtype."""
+    results, then the backend's residuals for the backward. torch (torch_scan.scan_forward's): y_pre
+    (batch, dim, L) with zoh and z, else empty (0,); starts (pieces, batch, dim, N). triton
+    (triton_scan.selective_scan_fwd's): y_pre empty; starts = the boundary states (batch, dim, chunks + 1, N).
+    ref: both empty (0,), its backward recomputes. Residuals in the state dtype."""
     inputs = (u, delta, A, B, C, D, z, delta_bias, seq_idx)
     sdt = _state_dtype(u)
+    kind = _scan_residual_backend(u, backend)
     with torch.no_grad():  # the autograd formula below owns differentiation
-        if not _scan_saves_residuals(u, backend):
+        if kind is None:
             out, last = _scan_eager(*inputs, delta_softplus, discretization, backend)
             y_pre = starts = None
-        else:
-            validate_selective_scan(*inputs, discretization, "torch")
+        elif kind == "torch":
+            validate_selective_scan(*inputs, discretization, kind)
             out, last, y_pre, starts = scan_forward(*_work(inputs[:8], u), seq_idx, delta_softplus,
                                                     discretization)
+        else:  # as interface._SelectiveScanTriton.forward
+            from .selective_scan.triton_scan import selective_scan_fwd as triton_forward
+            validate_selective_scan(*inputs, discretization, kind)
+            out, starts = triton_forward(*map(_time_contiguous, inputs[:8]), seq_idx, delta_softplus)
+            last, y_pre = starts[:, :, -1], None
     empty = lambda t: u.new_empty((0,), dtype=sdt) if t is None else _fresh(t, sdt, inputs)  # noqa: E731
     return _fresh(out, u.dtype, inputs), _fresh(last, sdt, inputs), empty(y_pre), empty(starts)
 
@@ -171,11 +182,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, discretizati
     N = A.shape[1]
     sdt = _state_dtype(u)
     y_pre, starts = u.new_empty((0,), dtype=sdt), u.new_empty((0,), dtype=sdt)
-    if _scan_saves_residuals(u, backend):
+    kind = _scan_residual_backend(u, backend)
+    if kind == "torch":
         if z is not None and discretization == "zoh":
             y_pre = u.new_empty((batch, dim, L), dtype=sdt)
         S = piece_steps(batch, dim, N, L, u.is_cuda)
         starts = u.new_empty(((L + S - 1) // S, batch, dim, N), dtype=sdt)
+    elif kind == "triton":
+        from .selective_scan.triton_scan import chunk_size
+        T = chunk_size(N)
+        starts = u.new_empty((batch, dim, (L + T - 1) // T + 1, N), dtype=sdt)
     return u.new_empty((batch, dim, L)), u.new_empty((batch, dim, N), dtype=sdt), y_pre, starts
 
 
@@ -199,21 +215,29 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus,
 def selective_scan_bwd_saved(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                              D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
                              seq_idx: Optional[Tensor], y_pre: Tensor, starts: Tensor, delta_softplus: bool,
-                             discretization: str) -> list[Tensor]:
-    """The torch backend's backward (torch_scan.scan_backward) from selective_scan_fwd's residuals: no
-    forward recompute (zoh; the other discretizations recompute piece by piece, as in eager). Gradients as
-    selective_scan_bwd's, each in its input's dtype (the last state's gradient is not propagated, as eager)."""
+                             discretization: str, backend: str) -> list[Tensor]:
+    """The backend's ("torch" or "triton", resolved) backward from selective_scan_fwd's residuals: no forward
+    recompute (torch_scan.scan_backward: zoh; the other discretizations recompute piece by piece, as in
+    eager; triton_scan.selective_scan_bwd). Gradients as selective_scan_bwd's, each in its input's dtype
+    (the last state's gradient is not propagated, as in eager for both backends)."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     zoh = discretization == "zoh"
-    with (torch.no_grad() if zoh else _autograd_dispatch()):
-        grads = scan_backward(*_work((dout, *inputs), u), seq_idx, y_pre if zoh and z is not None else None,
-                              starts, delta_softplus, discretization)
+    if backend == "triton":
+        from .selective_scan.triton_scan import selective_scan_bwd as triton_backward
+        with torch.no_grad():
+            grads = triton_backward(dout, *map(_time_contiguous, inputs), seq_idx, delta_softplus, starts)
+    elif backend == "torch":
+        with (torch.no_grad() if zoh else _autograd_dispatch()):
+            grads = scan_backward(*_work((dout, *inputs), u), seq_idx, y_pre if zoh and z is not None else None,
+                                  starts, delta_softplus, discretization)
+    else:
+        raise ValueError(f"backend must be 'torch' or 'triton' (the backends that save residuals), got {backend!r}")
     everything = (dout, *inputs, seq_idx, y_pre, starts)
     return [_fresh(g, t.dtype, everything) for t, g in zip(inputs, grads) if t is not None]
 
 
 @selective_scan_bwd_saved.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, starts, delta_softplus, discretization):
+def _(dout, u, delta, A, B, C, D, z, delta_bias, seq_idx, y_pre, starts, delta_softplus, discretization, backend):
     return _fake_grads((u, delta, A, B, C, D, z, delta_bias))
 
 
@@ -221,7 +245,7 @@ def _scan_setup_context(ctx, inputs, output):
     *tensors, ctx.delta_softplus, ctx.discretization, ctx.backend = inputs
     _, _, y_pre, starts = output
     ctx.mark_non_differentiable(y_pre, starts)  # the last state stays differentiable: the ref backend uses it
-    ctx.residuals = _scan_saves_residuals(tensors[0], ctx.backend)
+    ctx.residuals = _scan_residual_backend(tensors[0], ctx.backend)
     ctx.save_for_backward(*tensors, *((y_pre, starts) if ctx.residuals else ()))
 
 
@@ -229,7 +253,8 @@ def _scan_backward(ctx, dout, dlast, dy_pre, dstarts):
     tensors = ctx.saved_tensors
     if ctx.residuals:
         *tensors, y_pre, starts = tensors
-        grads = selective_scan_bwd_saved(dout, *tensors, y_pre, starts, ctx.delta_softplus, ctx.discretization)
+        grads = selective_scan_bwd_saved(dout, *tensors, y_pre, starts, ctx.delta_softplus, ctx.discretization,
+                                         ctx.residuals)
     else:
         grads = selective_scan_bwd(dout, dlast, *tensors, ctx.delta_softplus, ctx.discretization, ctx.backend)
     return _unpack_grads(tensors, grads) + (None, None, None)

@@ -317,13 +317,17 @@ def residual_args(options, dtype, L, seed=3):
     return kw
 
 
-def outputs_and_grads(fn, kw, last_weight=1.0):
-    """fn's (out, last state) and the gradients of a weighted sum of them w.r.t. every input needing one."""
-    out, last = fn(**kw)
+def weighted_loss(out, last, last_weight=1.0):
+    """A scalar reading out and the last state with fixed random weights."""
     g = torch.Generator().manual_seed(9)
     w_out, w_last = torch.randn(out.shape, generator=g).to(out), torch.randn(last.shape, generator=g).to(last)
-    loss = (out * w_out).sum() + last_weight * (last * w_last).sum()
-    return (out, last), torch.autograd.grad(loss, requiring_grad(kw))
+    return (out * w_out).sum() + last_weight * (last * w_last).sum()
+
+
+def outputs_and_grads(fn, kw, last_weight=1.0):
+    """fn's (out, last state) and the gradients of weighted_loss w.r.t. every input needing one."""
+    out, last = fn(**kw)
+    return (out, last), torch.autograd.grad(weighted_loss(out, last, last_weight), requiring_grad(kw))
 
 
 RESIDUAL_OPTIONS = [set(), {"seq_idx"}, {"D", "z", "delta_bias"}, {"seq_idx", "D", "z", "delta_bias"},
@@ -341,11 +345,8 @@ def test_compiled_scan_backward_uses_the_saved_residuals(options, dtype, short_p
     compiled = torch.compile(scan_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
     out, last = compiled(**kw)
     assert forward_calls == ["_piece_forward"] * 3  # one per piece, straight from the op (no eager dispatch)
-    g = torch.Generator().manual_seed(9)
-    loss = (out * torch.randn(out.shape, generator=g).to(out)).sum() + (last * torch.randn(last.shape, generator=g)
-                                                                         .to(last)).sum()
     forward_calls.clear()
-    compiled_grads = torch.autograd.grad(loss, requiring_grad(kw))
+    compiled_grads = torch.autograd.grad(weighted_loss(out, last), requiring_grad(kw))
     assert forward_calls == []
     eager, eager_grads = outputs_and_grads(scan_outputs, kw)
     for c, e in zip((out, last, *compiled_grads), (*eager, *eager_grads), strict=True):
@@ -388,7 +389,7 @@ def test_compiled_scan_residuals_under_dynamic_shapes(short_pieces):
 
 
 def test_other_backends_keep_the_recompute(forward_calls):
-    """The ref backend (as triton) saves no residuals: empty residual outputs, the backward recomputes."""
+    """The ref backend saves no residuals: empty residual outputs, the backward recomputes."""
     kw = dict(residual_args({"seq_idx", "D", "z"}, torch.float32, 6), backend="ref")
     _, _, y_pre, starts = selective_scan_fwd(*(kw.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z",
                                                                     "delta_bias", "seq_idx")), True, "zoh", "ref")
@@ -413,7 +414,8 @@ def test_opcheck_scan_with_residuals(L, short_pieces):
     detached = [a.detach() if a is not None and a.is_floating_point() else a for a in args]
     out, last, y_pre, starts = selective_scan_fwd(*detached, True, "zoh", "torch")
     assert y_pre.shape == (2, 4, L) and starts.shape == (3, 2, 4, 3)  # pieces of 4, 4, 4 / 4, 4, 2 steps
-    torch.library.opcheck(selective_scan_bwd_saved, (torch.randn_like(out), *detached, y_pre, starts, True, "zoh"))
+    torch.library.opcheck(selective_scan_bwd_saved, (torch.randn_like(out), *detached, y_pre, starts, True, "zoh",
+                                                    "torch"))
 
 
 def test_scan_backward_rejects_wrong_residuals(short_pieces):
@@ -425,3 +427,34 @@ def test_scan_backward_rejects_wrong_residuals(short_pieces):
         torch_scan.scan_backward(out, *args, None, y_pre, starts[:2], True, "zoh")
     with pytest.raises(ValueError, match=r"y_pre must have shape \(2, 4, 10\)"):
         torch_scan.scan_backward(out, *args, None, None, starts, True, "zoh")
+
+
+def test_compiled_scan_triton_backward_uses_the_saved_boundaries(monkeypatch):
+    """triton: the forward op keeps the kernels' boundary states (batch, dim, chunks + 1, N) and the backward op
+    hands them to triton_scan.selective_scan_bwd: no forward kernel runs in the backward; bit-identical to
+    eager. Chunks of 8 steps (2 here, the last partial); tiny shapes for Triton's interpreter on a CPU."""
+    from kernels.selective_scan import triton_scan
+    calls = []
+    forward = triton_scan.selective_scan_fwd
+    monkeypatch.setattr(triton_scan, "selective_scan_fwd", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(triton_scan, "chunk_size", lambda dstate: 8)
+    kw = residual_args({"seq_idx", "D", "z", "delta_bias"}, torch.float32, 11)
+    kw = {k: v.detach().to(TRITON_DEVICE).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+          for k, v in kw.items()}
+    kw["backend"] = "triton"
+    torch._dynamo.reset()
+    compiled = torch.compile(scan_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
+    fake = torch._subclasses.FakeTensorMode()
+    with fake:  # the fake implementation's residual shapes
+        fk = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        residuals = selective_scan_fwd(*(fk.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                                             "seq_idx")), True, "zoh", "triton")[2:]
+    assert [tuple(r.shape) for r in residuals] == [(0,), (2, 4, 3, 3)]
+    out, last = compiled(**kw)
+    assert len(calls) == 1
+    calls.clear()
+    compiled_grads = torch.autograd.grad(weighted_loss(out, last), requiring_grad(kw))
+    assert calls == []
+    eager, eager_grads = outputs_and_grads(scan_outputs, kw)
+    for c, e in zip((out, last, *compiled_grads), (*eager, *eager_grads), strict=True):
+        assert c.dtype == e.dtype and c.shape == e.shape and torch.equal(c, e)

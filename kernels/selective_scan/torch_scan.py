@@ -550,7 +550,8 @@ def _backward_by_recompute(need, dout, u, delta, A, B, C, D, z, delta_bias, seq_
         carry = gl[id(h0)]
     dB = grads.get("B") if B.dim() >= 3 else B_.grad
     dC = grads.get("C") if C.dim() >= 3 else C_.grad
-    g_or_zero = lambda x, ref: (x if x is not None else torch.zeros_like(ref)) if ref is not None else None  # noqa: E731
+    def g_or_zero(x, ref):
+        return (x if x is not None else torch.zeros_like(ref)) if ref is not None else None
     return (du, ddelta, g_or_zero(A_.grad, A), g_or_zero(dB, B), g_or_zero(dC, C),
             g_or_zero(D_.grad if D_ is not None else None, D), dz,
             g_or_zero(bias_.grad if bias_ is not None else None, delta_bias)) if need else (None,) * 8

@@ -8,10 +8,10 @@ strides) and its autograd formula.
 
 Design choices:
 - Each op's real implementation calls the public eager function with the caller's `backend` (the scan with
-  the torch or triton backend: that backend's plain forward function, see below); the backend is resolved
-  when the op runs, as an eager call resolves it. No recursion: torch.compiler.is_compiling() is
-  False when a compiled graph runs the op (every compiled test in tests/test_compile_ops.py would otherwise
-  recurse without end).
+  the torch or triton backend, the SSD with the torch backend: that backend's forward as plain functions,
+  see below); the backend is resolved when the op runs, as an eager call resolves it. No recursion:
+  torch.compiler.is_compiling() is False when a compiled graph runs the op (every compiled test in
+  tests/test_compile_ops.py would otherwise recurse without end).
 - Backward, scan with the torch or triton backend: the forward op runs the backend's plain forward function
   itself and returns its residuals as two extra outputs (torch_scan.scan_forward: the output before the z
   gate and every piece's start state; triton_scan.selective_scan_fwd: the per-chunk boundary states), saved
@@ -21,11 +21,20 @@ Design choices:
   tensors where unused), so the schema is fixed; their shapes follow from the inputs' shapes alone
   (torch_scan.piece_steps, triton_scan.chunk_size), which the fake implementation states, symbolic
   lengths included.
-- Backward, every other case (scan with ref, SSD): a second custom op recomputes the forward under autograd
-  with the same eager function and calls torch.autograd.grad. This costs one extra forward per backward,
-  but stays exact for every option (seq_idx, initial states...) without depending on the backend's saved
-  tensors (the SSD backends keep theirs inside their autograd.Functions; splitting those into plain
-  forward / backward functions, as the scan's, would let the SSD op save residuals too). Gradients flow
+- Backward, SSD with the torch backend: the forward op runs ssd_torch's steps itself, its core
+  (torch_ssd_fast.SSDCore) through SSDCore.forward / SSDCore.backward with a stand-in context (_CoreCtx),
+  and returns the core's per-chunk incoming states and (with z) its output before D and z as residuals.
+  The backward op runs the core's hand-written backward on them, and autograd over the cheap elementwise
+  ops around the core (dt's processing, D, z): no forward recompute (each block's decays and C B^T are
+  recomputed, as in the eager backward of a multi-block sequence). Bit-identical to eager. This leans on
+  SSDCore's context protocol (saved tensors x, dt, A, B, C, seq, then one incoming-state tensor per
+  block; ctx.Q, has_h0, n_h) and its block partition (block_chunks, _blocks); the tests compare with
+  eager bit for bit, so a change there shows up at once. Plain forward / backward functions in
+  torch_ssd_fast (as torch_scan's scan_forward / scan_backward) would remove that coupling.
+- Backward, every other case (scan and SSD with ref, SSD with triton): a second custom op recomputes the
+  forward under autograd with the same eager function and calls torch.autograd.grad. This costs one extra
+  forward per backward, but stays exact for every option (seq_idx, initial states...) without depending on
+  the backend's saved tensors (Triton's SSD keeps its own inside its autograd.Function). Gradients flow
   exactly where the eager function's do (whatever a backend does with the last / final state's gradient,
   it does in eager and compiled alike).
 - Inductor's and AOTAutograd's on-disk caches key on the traced graph, not on this file: after a change
@@ -42,11 +51,15 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._utils import resolve_backend
 from .selective_scan.interface import _time_contiguous, selective_scan_fn, validate_selective_scan
 from .selective_scan.torch_scan import piece_steps, scan_backward, scan_forward
+from .ssd.reference import process_dt
+from .ssd.torch_ssd_fast import SSDCore, block_chunks
+from .ssd.torch_ssd_fast import _blocks as _ssd_blocks
 from .ssd.interface import (mamba_chunk_scan_combined, validate_ssd, validate_varlen, varlen_states,
                             with_varlen_states)
 
@@ -280,15 +293,65 @@ def _ssd_eager(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_siz
                                      dt_limit=tuple(dt_limit), return_final_states=True, backend=backend)
 
 
+class _CoreCtx:
+    """Stands in for the autograd context of torch_ssd_fast.SSDCore, so that its forward and backward run as
+    plain functions here (the forward's saved tensors become the op's residuals)."""
+    needs_input_grad = (True,)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def _ssd_saves_residuals(x: Tensor, backend: Optional[str]) -> bool:
+    """Whether the SSD op runs the torch backend's core (torch_ssd_fast.SSDCore) itself and keeps its per-chunk
+    incoming states for the backward, rather than calling the eager function and recomputing."""
+    return resolve_backend(backend, x) == "torch"
+
+
+def _ssd_epilogue(y_core, xw, D, z, out_dtype):
+    """ssd_torch's ops after the core: + D x, * silu(z), cast to x's dtype."""
+    if D is not None:
+        Dw = D.to(xw.dtype)
+        y_core = y_core + (Dw[:, None] if Dw.dim() == 1 else Dw) * xw
+    if z is not None:
+        y_core = y_core * F.silu(z.to(xw.dtype))
+    return y_core.to(out_dtype)
+
+
 @torch.library.custom_op(f"{NAMESPACE}::ssd_fwd", mutates_args=())
 def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             dt_bias: Optional[Tensor], initial_states: Optional[Tensor], seq_idx: Optional[Tensor], chunk_size: int,
-            dt_softplus: bool, dt_limit: list[float], backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """(y (batch, L, heads, headdim) in x's dtype, final states (batch, heads, headdim, dstate))."""
+            dt_softplus: bool, dt_limit: list[float],
+            backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y (batch, L, heads, headdim) in x's dtype, final states (batch, heads, headdim, dstate), y_core,
+    h_in): the results, then the torch backend's residuals for the backward: the core's output before D and
+    z (batch, L, heads, headdim) when z is given (else empty (0,)) and every chunk's incoming state
+    (batch, heads, chunks, headdim, dstate); empty (0,) for the other backends (their backward recomputes)."""
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    sdt = _state_dtype(x)
+    y_core = h_in = None
     with torch.no_grad():
-        y, final = _ssd_eager(*inputs, chunk_size, dt_softplus, dt_limit, backend)
-    return _fresh(y, x.dtype, inputs), _fresh(final, _state_dtype(x), inputs)
+        if not _ssd_saves_residuals(x, backend):
+            y, final = _ssd_eager(*inputs, chunk_size, dt_softplus, dt_limit, backend)
+        else:  # ssd_torch's steps, the core as plain functions
+            validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
+            b, L, H, P = x.shape
+            G, N = B.shape[2], B.shape[3]
+            xw = x.to(sdt)
+            dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)
+            h0 = initial_states.to(sdt) if initial_states is not None else None
+            ctx = _CoreCtx()
+            y_core, final = SSDCore.forward(ctx, xw, dtp, A.to(sdt), B.to(sdt), C.to(sdt), h0, seq_idx,
+                                            min(chunk_size, L), True)
+            h_ins = ctx.saved_tensors[6:6 + ctx.n_h]  # (b, G, H / G, chunks of the block, P, N) per block
+            h_in = torch.cat(h_ins, 3).view(b, H, -1, P, N)
+            y = _ssd_epilogue(y_core, xw, D, z, x.dtype)
+            y_core = y_core if z is not None else None
+    empty = lambda t: x.new_empty((0,), dtype=sdt) if t is None else _fresh(t, sdt, inputs)  # noqa: E731
+    return _fresh(y, x.dtype, inputs), _fresh(final, sdt, inputs), empty(y_core), empty(h_in)
 
 
 @ssd_fwd.register_fake
@@ -297,7 +360,15 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_sof
         resolve_backend(backend, x)  # for its errors (e.g. triton without CUDA) at compile time
         validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
     batch, L, H, P = x.shape
-    return x.new_empty((batch, L, H, P)), x.new_empty((batch, H, P, B.shape[3]), dtype=_state_dtype(x))
+    N = B.shape[3]
+    sdt = _state_dtype(x)
+    y_core, h_in = x.new_empty((0,), dtype=sdt), x.new_empty((0,), dtype=sdt)
+    if _ssd_saves_residuals(x, backend):
+        if z is not None:
+            y_core = x.new_empty((batch, L, H, P), dtype=sdt)
+        Q = min(chunk_size, L)
+        h_in = x.new_empty((batch, H, (L + Q - 1) // Q, P, N), dtype=sdt)
+    return x.new_empty((batch, L, H, P)), x.new_empty((batch, H, P, N), dtype=sdt), y_core, h_in
 
 
 @torch.library.custom_op(f"{NAMESPACE}::ssd_bwd", mutates_args=())
@@ -305,7 +376,8 @@ def ssd_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tens
             D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
             seq_idx: Optional[Tensor], chunk_size: int, dt_softplus: bool, dt_limit: list[float],
             backend: Optional[str]) -> list[Tensor]:
-    """Gradients for x, dt, A, B, C and each of D, z, dt_bias, initial_states that is given, in that order."""
+    """Gradients for x, dt, A, B, C and each of D, z, dt_bias, initial_states that is given, in that order, by
+    recomputing the forward under autograd (the backends that save no residuals here)."""
     return _recompute_grads(lambda *t: _ssd_eager(*t, chunk_size, dt_softplus, dt_limit, backend),
                             (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx), (dy, dfinal))
 
@@ -316,14 +388,70 @@ def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_
     return _fake_grads((x, dt, A, B, C, D, z, dt_bias, initial_states))
 
 
+@torch.library.custom_op(f"{NAMESPACE}::ssd_bwd_saved", mutates_args=())
+def ssd_bwd_saved(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                  D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                  initial_states: Optional[Tensor], seq_idx: Optional[Tensor], y_core: Tensor, h_in: Tensor,
+                  chunk_size: int, dt_softplus: bool, dt_limit: list[float]) -> list[Tensor]:
+    """The torch backend's backward from ssd_fwd's residuals: the core's hand-written backward
+    (torch_ssd_fast.SSDCore) from the saved incoming states, autograd over the cheap elementwise ops around
+    it (dt's processing, D, z); no forward recompute. Gradients as ssd_bwd's, in the inputs' dtypes."""
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    sdt = _state_dtype(x)
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    Q = min(chunk_size, L)
+    nc = (L + Q - 1) // Q
+    if tuple(h_in.shape) != (b, H, nc, P, N):
+        raise ValueError(f"h_in must have shape {(b, H, nc, P, N)} (one state per chunk), got {tuple(h_in.shape)}")
+    with _autograd_dispatch():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+        x_, dt_, A_, B_, C_, D_, z_, bias_, h0_ = leaves
+        xw, Aw, Bw, Cw = x_.to(sdt), A_.to(sdt), B_.to(sdt), C_.to(sdt)
+        dtp = process_dt(dt_, bias_, dt_softplus, dt_limit)
+        h0 = h0_.to(sdt) if h0_ is not None else None
+        # the epilogue's gradient w.r.t. the core's output: y_core's value matters only through z
+        core_out = (y_core if z is not None else xw.new_zeros(()).expand(b, L, H, P)).detach().requires_grad_()
+        y = _ssd_epilogue(core_out, xw, D_, z_, x.dtype)
+        (dy_core,) = torch.autograd.grad(y, core_out, dy.to(y.dtype), retain_graph=True)
+        ctx = _CoreCtx()
+        ctx.Q, ctx.has_h0 = Q, h0 is not None
+        blocks = _ssd_blocks(L, Q, block_chunks(b, H, Q, P, N, xw.element_size(), nc))
+        hg = h_in.view(b, G, H // G, nc, P, N)
+        h_ins = [hg[:, :, :, t0 // Q:(t1 + Q - 1) // Q].contiguous() for t0, t1 in blocks]
+        ctx.n_h = len(h_ins)
+        ctx.saved_tensors = (xw.detach(), dtp.detach(), Aw.detach(), Bw.detach(), Cw.detach(), seq_idx, *h_ins)
+        dxc, ddt, dA, dB, dC, dh0, *_ = SSDCore.backward(ctx, dy_core, None if dfinal is None else dfinal.to(sdt))
+        outs = [(y, dy.to(y.dtype)), (xw, dxc), (dtp, ddt), (Aw, dA), (Bw, dB), (Cw, dC), (h0, dh0)]
+        outs = [(o, g) for o, g in outs if o is not None and g is not None]
+        wanted = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs], allow_unused=True)
+    everything = (dy, dfinal, *inputs, seq_idx, y_core, h_in)
+    return [_fresh(torch.zeros_like(t) if g is None else g, t.dtype, everything)
+            for t, g in zip([t for t in inputs if t is not None], grads)]
+
+
+@ssd_bwd_saved.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_core, h_in, chunk_size, dt_softplus,
+      dt_limit):
+    return _fake_grads((x, dt, A, B, C, D, z, dt_bias, initial_states))
+
+
 def _ssd_setup_context(ctx, inputs, output):
     *tensors, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit, ctx.backend = inputs
-    ctx.save_for_backward(*tensors)
+    _, _, y_core, h_in = output
+    ctx.mark_non_differentiable(y_core, h_in)
+    ctx.residuals = _ssd_saves_residuals(tensors[0], ctx.backend)
+    ctx.save_for_backward(*tensors, *((y_core, h_in) if ctx.residuals else ()))
 
 
-def _ssd_backward(ctx, dy, dfinal):
+def _ssd_backward(ctx, dy, dfinal, dy_core, dh_in):
     tensors = ctx.saved_tensors
-    grads = ssd_bwd(dy, dfinal, *tensors, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit, ctx.backend)
+    if ctx.residuals:
+        *tensors, y_core, h_in = tensors
+        grads = ssd_bwd_saved(dy, dfinal, *tensors, y_core, h_in, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit)
+    else:
+        grads = ssd_bwd(dy, dfinal, *tensors, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit, ctx.backend)
     return _unpack_grads(tensors, grads) + (None, None, None, None)
 
 
@@ -337,8 +465,8 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initi
     The varlen states are plain torch ops outside the node; reading cu_seqlens on the host breaks the graph
     there (only when return_varlen_states is set)."""
     bounds = validate_varlen(x, cu_seqlens, return_varlen_states, state_dtype)
-    y, final = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, bool(dt_softplus),
-                       [float(v) for v in dt_limit], backend)
+    y, final, _, _ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size,
+                             bool(dt_softplus), [float(v) for v in dt_limit], backend)
     res = (y, final) if return_final_states else y
     if not return_varlen_states:
         return res

@@ -2,10 +2,14 @@
 
 - opcheck: schemas, fake implementations (static and dynamic shapes) and autograd registrations.
 - Compiled vs eager, forward and every gradient, both ops, optional arguments on and off, torch and triton
-  backends (Triton's interpreter on CPU): the compiled graph runs the same eager kernels (the backward
-  recomputes the forward with them), so results agree to the last bit but for the fp32 rounding of the
-  surrounding ops that AOTAutograd and Inductor decompose or fuse (measured: 0 for the ops alone, 7e-7 in
-  the MoT model); a norm-relative error of 1e-5 allows that and nothing more.
+  backends (Triton's interpreter on CPU): the compiled graph runs the same eager kernels, so results agree to
+  the last bit but for the fp32 rounding of the surrounding ops that AOTAutograd and Inductor decompose or
+  fuse (measured: 0 for the ops alone, 7e-7 in the MoT model); a norm-relative error of 1e-5 allows that and
+  nothing more.
+- Saved residuals (scan: torch and triton backends; SSD: torch): the backward op runs the backend's own
+  backward from the forward's residuals, checked by counting forward calls while the backward runs (none),
+  bit for bit against eager, and in float64 against the ref backend; several pieces / chunks / blocks
+  (budgets shrunk by monkeypatch), dynamic shapes, the ref backend's recompute path kept.
 - No graph break and the op present in the graph, for the public functions, the Mamba / Mamba2 modules and
   train_gpt's MoT+Mamba model. Compiles use backend="aot_eager" (dynamo, fake tensors, AOTAutograd: every
   piece of the op registration) because Inductor's C++ codegen takes minutes on CPU; one Inductor test checks
@@ -19,8 +23,9 @@ from torch.utils._pytree import tree_leaves
 import kernels
 from helpers import CUDA, TRITON_DEVICE, rel
 from kernels import compile_ops
-from kernels.compile_ops import selective_scan_bwd_saved, selective_scan_fwd, ssd_fwd
+from kernels.compile_ops import selective_scan_bwd_saved, selective_scan_fwd, ssd_bwd_saved, ssd_fwd
 from kernels.selective_scan import torch_scan
+from kernels.ssd import torch_ssd_fast
 
 SCAN_OP = torch.ops.nanogpt_mamba.selective_scan_fwd.default
 SSD_OP = torch.ops.nanogpt_mamba.ssd_fwd.default
@@ -458,3 +463,124 @@ def test_compiled_scan_triton_backward_uses_the_saved_boundaries(monkeypatch):
     eager, eager_grads = outputs_and_grads(scan_outputs, kw)
     for c, e in zip((out, last, *compiled_grads), (*eager, *eager_grads), strict=True):
         assert c.dtype == e.dtype and c.shape == e.shape and torch.equal(c, e)
+
+
+# ---------------------------------------------------------------- the SSD op's saved states (torch backend)
+
+@pytest.fixture
+def one_chunk_blocks(monkeypatch):
+    """Blocks of one chunk in the SSD core (at these sizes one block otherwise holds the whole sequence, and
+    the eager forward keeps that block's tensors): per-block states carried, a partial last chunk."""
+    monkeypatch.setattr(torch_ssd_fast, "BLOCK_BYTES", 1)
+
+
+@pytest.fixture
+def ssd_forward_calls(monkeypatch):
+    """Counts calls of the SSD core's forward and of compile_ops' eager recompute."""
+    calls = []
+    core_forward, eager = torch_ssd_fast.SSDCore.forward, compile_ops._ssd_eager
+    monkeypatch.setattr(torch_ssd_fast.SSDCore, "forward",
+                        staticmethod(lambda *a: calls.append("SSDCore.forward") or core_forward(*a)))
+    monkeypatch.setattr(compile_ops, "_ssd_eager", lambda *a: calls.append("_ssd_eager") or eager(*a))
+    return calls
+
+
+def ssd_residual_args(options, dtype, L, seed=4):
+    """Fresh random mamba_chunk_scan_combined arguments in `dtype` (chunk 4, 4 heads in 2 groups); options: a
+    set of "seq_idx", "D" (per head and channel; "D1" per head), "z", "dt_bias", "initial_states", "limits"
+    (dt_softplus and dt_limit)."""
+    g = torch.Generator().manual_seed(seed)
+    batch, H, P, G, N = 2, 4, 2, 2, 3
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=dtype) * scale).requires_grad_()  # noqa: E731
+    kw = dict(x=r(batch, L, H, P), dt=(torch.rand(batch, L, H, generator=g, dtype=dtype) * 0.5).requires_grad_(),
+              A=(-torch.rand(H, generator=g, dtype=dtype) - 0.5).requires_grad_(), B=r(batch, L, G, N),
+              C=r(batch, L, G, N), chunk_size=4, backend="torch")
+    if "D" in options:
+        kw["D"] = r(H, P)
+    if "D1" in options:
+        kw["D"] = r(H)
+    if "z" in options:
+        kw["z"] = r(batch, L, H, P)
+    if "dt_bias" in options:
+        kw["dt_bias"] = r(H, scale=0.5)
+    if "initial_states" in options:
+        kw["initial_states"] = r(batch, H, P, N)
+    if "limits" in options:
+        kw.update(dt_softplus=True, dt_limit=(0.01, 2.0))
+    if "seq_idx" in options:  # row 0: documents starting mid-chunk and on a chunk border (step 4)
+        kw["seq_idx"] = torch.tensor([([0] * 2 + [1] * 2 + [2] * L)[:L], [0] * L])
+    return kw
+
+
+def ssd_outputs_and_grads(fn, kw):
+    y, final = fn(**kw)
+    return (y, final), torch.autograd.grad(weighted_loss(y, final), requiring_grad(kw))
+
+
+SSD_RESIDUAL_OPTIONS = [set(), {"seq_idx"}, {"D", "z", "dt_bias", "limits"}, {"D1", "initial_states"},
+                        {"seq_idx", "D", "z", "dt_bias", "initial_states", "limits"}]
+
+
+@pytest.mark.parametrize("options", SSD_RESIDUAL_OPTIONS, ids=lambda o: "+".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_ssd_backward_uses_the_saved_states(options, dtype, one_chunk_blocks, ssd_forward_calls):
+    """torch backend: the backward op runs the core's hand-written backward from the forward's per-chunk
+    incoming states (no forward of the core, no eager recompute while it runs), bit-identical to eager;
+    float64 matches the sequential reference."""
+    L = 11  # chunks of 4, 4, 3 steps, one block each
+    kw = ssd_residual_args(options, dtype, L)
+    torch._dynamo.reset()
+    compiled = torch.compile(ssd_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
+    y, final = compiled(**kw)
+    assert ssd_forward_calls == ["SSDCore.forward"]
+    ssd_forward_calls.clear()
+    compiled_grads = torch.autograd.grad(weighted_loss(y, final), requiring_grad(kw))
+    assert ssd_forward_calls == []
+    eager, eager_grads = ssd_outputs_and_grads(ssd_outputs, kw)
+    for c, e in zip((y, final, *compiled_grads), (*eager, *eager_grads), strict=True):
+        assert c.dtype == e.dtype and c.shape == e.shape and torch.equal(c, e)
+    if dtype == torch.float64:
+        ref, ref_grads = ssd_outputs_and_grads(ssd_outputs, dict(kw, backend="ref"))
+        for c, e in zip((y, final, *compiled_grads), (*ref, *ref_grads), strict=True):
+            assert rel(c, e) < 1e-12
+
+
+def test_compiled_ssd_states_under_dynamic_shapes(one_chunk_blocks):
+    """Symbolic lengths: the fake implementation's chunk count (1 to 4 chunks here) follows the length."""
+    torch._dynamo.reset()
+    compiled = torch.compile(ssd_outputs, backend="aot_eager", fullgraph=True, dynamic=True)
+    for L in (9, 6, 13, 8, 1):
+        kw = ssd_residual_args({"seq_idx", "D", "z", "dt_bias", "initial_states", "limits"}, torch.float32, L)
+        got, got_grads = ssd_outputs_and_grads(compiled, kw)
+        eager, eager_grads = ssd_outputs_and_grads(ssd_outputs, kw)
+        for c, e in zip((*got, *got_grads), (*eager, *eager_grads), strict=True):
+            assert rel(c, e) < TOL
+
+
+def test_ssd_other_backends_keep_the_recompute(ssd_forward_calls):
+    kw = dict(ssd_residual_args({"seq_idx", "D", "z"}, torch.float32, 6), backend="ref")
+    torch._dynamo.reset()
+    compiled = torch.compile(ssd_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
+    got, got_grads = ssd_outputs_and_grads(compiled, kw)
+    assert ssd_forward_calls == ["_ssd_eager"] * 2  # forward, then the backward's recompute
+    eager, eager_grads = ssd_outputs_and_grads(ssd_outputs, kw)
+    for c, e in zip((*got, *got_grads), (*eager, *eager_grads), strict=True):
+        assert rel(c, e) < TOL
+
+
+SSD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "seq_idx")
+
+
+@pytest.mark.parametrize("L", [12, 10])
+def test_opcheck_ssd_with_states(L, one_chunk_blocks):
+    kw = ssd_residual_args({"seq_idx", "D", "z", "dt_bias", "initial_states", "limits"}, torch.float32, L)
+    args = [kw.get(k) for k in SSD_NAMES]
+    rest = (4, True, [0.01, 2.0])
+    torch.library.opcheck(ssd_fwd, (*args, *rest, "torch"))
+    detached = [a.detach() if a is not None and a.is_floating_point() else a for a in args]
+    y, final, y_core, h_in = ssd_fwd(*detached, *rest, "torch")
+    assert y_core.shape == (2, L, 4, 2) and h_in.shape == (2, 4, 3, 2, 3)  # chunks of 4, 4, 4 / 4, 4, 2
+    torch.library.opcheck(ssd_bwd_saved, (torch.randn_like(y), torch.randn_like(final), *detached, y_core, h_in,
+                                          *rest))
+    with pytest.raises(ValueError, match=r"h_in must have shape \(2, 4, 3, 2, 3\)"):
+        ssd_bwd_saved(torch.randn_like(y), None, *detached, y_core, h_in[:, :, :2], *rest)

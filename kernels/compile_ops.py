@@ -9,7 +9,10 @@ strides) and its autograd formula.
 Design choices:
 - Each op's real implementation calls the public eager function with the caller's `backend` (the scan with
   the torch or triton backend, the SSD with the torch backend: that backend's forward as plain functions,
-  see below); the backend is resolved when the op runs, as an eager call resolves it. No recursion:
+  see below). The backend is resolved while tracing (`selective_scan_compiled`, `ssd_compiled`) and handed to
+  the op by name: the fake implementation's residual shapes and the autograd formula depend on it, so the
+  op must run the backend they were traced for. Dynamo guards on the global backend that resolution reads
+  (set_backend / use_backend): switching it recompiles. No recursion:
   torch.compiler.is_compiling() is False when a compiled graph runs the op (every compiled test in
   tests/test_compile_ops.py would otherwise recurse without end).
 - Backward, scan with the torch or triton backend: the forward op runs the backend's plain forward function
@@ -279,6 +282,7 @@ selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_c
 def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             return_last_state=False, seq_idx=None, discretization="zoh", backend=None):
     """selective_scan_fn (same signature, results and gradients) as one graph node under torch.compile."""
+    backend = resolve_backend(backend, u)  # while tracing (see the module docstring)
     out, last, _, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, bool(delta_softplus),
                                          discretization, backend)
     return (out, last) if return_last_state else out
@@ -465,6 +469,7 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initi
     The varlen states are plain torch ops outside the node; reading cu_seqlens on the host breaks the graph
     there (only when return_varlen_states is set)."""
     bounds = validate_varlen(x, cu_seqlens, return_varlen_states, state_dtype)
+    backend = resolve_backend(backend, x)  # while tracing (see the module docstring)
     y, final, _, _ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size,
                              bool(dt_softplus), [float(v) for v in dt_limit], backend)
     res = (y, final) if return_final_states else y

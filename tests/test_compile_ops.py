@@ -584,3 +584,17 @@ def test_opcheck_ssd_with_states(L, one_chunk_blocks):
                                           *rest))
     with pytest.raises(ValueError, match=r"h_in must have shape \(2, 4, 3, 2, 3\)"):
         ssd_bwd_saved(torch.randn_like(y), None, *detached, y_core, h_in[:, :, :2], *rest)
+
+
+def test_switching_the_global_backend_after_compiling_recompiles():
+    """The backend is resolved while tracing (the residual outputs depend on it): a compiled function run
+    under another global backend is traced again and matches eager with that backend."""
+    from kernels._utils import use_backend
+    for fn, kw in ((scan_outputs, scan_args("all")), (ssd_outputs, ssd_args("all"))):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)
+        assert_same(fn, compiled, kw, requiring_grad(kw))  # default: the torch backend on a CPU
+        with use_backend("ref"):
+            assert_same(fn, compiled, kw, requiring_grad(kw))
+        assert counter.frame_count == 2

@@ -50,6 +50,7 @@ Design choices:
   compiling, before anything runs (with concrete shapes; under dynamic shapes the op's own call checks).
 """
 # no `from __future__ import annotations`: torch.library reads the op signatures' annotations as types
+import os
 from contextlib import contextmanager
 from typing import Optional
 
@@ -57,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import resolve_backend
+from ._utils import get_backend, resolve_backend, triton_available
 from .selective_scan.interface import _time_contiguous, selective_scan_fn, validate_selective_scan
 from .selective_scan.torch_scan import piece_steps, scan_backward, scan_forward
 from .ssd.reference import process_dt
@@ -119,6 +120,20 @@ def _recompute_grads(forward, inputs, output_grads):
                  if used else [None] * len(wanted))
     all_inputs = list(inputs) + list(output_grads)
     return [_fresh(torch.zeros_like(t) if g is None else g, t.dtype, all_inputs) for t, g in zip(wanted, grads)]
+
+
+@torch.compiler.assume_constant_result  # dynamo calls it instead of tracing it (an `import` that may fail)
+def _triton_installed() -> bool:
+    return triton_available()
+
+
+def _traced_backend(backend: Optional[str], x: Tensor) -> str:
+    """The backend's name as resolve_backend picks it, computed while dynamo traces (it guards on the global
+    backend it reads). Names are not checked here: the fake implementations run resolve_backend on them."""
+    name = backend or get_backend() or os.environ.get("KERNELS_BACKEND") or None
+    if name is None:
+        return "triton" if (x.is_cuda and _triton_installed()) else "torch"
+    return name
 
 
 def _static(*tensors) -> bool:
@@ -282,7 +297,7 @@ selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_c
 def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             return_last_state=False, seq_idx=None, discretization="zoh", backend=None):
     """selective_scan_fn (same signature, results and gradients) as one graph node under torch.compile."""
-    backend = resolve_backend(backend, u)  # while tracing (see the module docstring)
+    backend = _traced_backend(backend, u)
     out, last, _, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, bool(delta_softplus),
                                          discretization, backend)
     return (out, last) if return_last_state else out
@@ -469,7 +484,7 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initi
     The varlen states are plain torch ops outside the node; reading cu_seqlens on the host breaks the graph
     there (only when return_varlen_states is set)."""
     bounds = validate_varlen(x, cu_seqlens, return_varlen_states, state_dtype)
-    backend = resolve_backend(backend, x)  # while tracing (see the module docstring)
+    backend = _traced_backend(backend, x)
     y, final, _, _ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size,
                              bool(dt_softplus), [float(v) for v in dt_limit], backend)
     res = (y, final) if return_final_states else y

@@ -15,6 +15,8 @@
   piece of the op registration) because Inductor's C++ codegen takes minutes on CPU; one Inductor test checks
   that the real outputs' strides are the ones the fake implementations declare (Inductor asserts them).
 """
+import sys
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -598,3 +600,12 @@ def test_switching_the_global_backend_after_compiling_recompiles():
         with use_backend("ref"):
             assert_same(fn, compiled, kw, requiring_grad(kw))
         assert counter.frame_count == 2
+
+
+def test_default_backend_is_resolved_without_tracing_the_triton_import(monkeypatch):
+    """Where triton is not installed the traced resolution must not trace the failing `import triton`
+    (a fullgraph compile would fail); it is evaluated as a constant."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    torch._dynamo.reset()
+    assert torch.compile(lambda x: x + compile_ops._triton_installed(), fullgraph=True,
+                         backend="aot_eager")(torch.zeros(2)).tolist() == [0.0, 0.0]

@@ -27,15 +27,16 @@ from .ops import mambapy_scan, scan_inputs
 
 def interleaved_ms(fns: dict, rounds: int) -> dict:
     """Median ms per candidate, one call of each per round (after one warm-up call each), timed with
-    common.clock (wall or this process's CPU time)."""
+    common.clock (wall or this process's CPU time), the garbage collector paused (common.gc_paused)."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = common.clock()
-            fn()
-            times[k].append(1000 * (common.clock() - t))
+    with common.gc_paused():
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                t = common.clock()
+                fn()
+                times[k].append(1000 * (common.clock() - t))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -55,13 +55,13 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._utils import get_backend, resolve_backend, triton_available
 from .selective_scan.interface import _time_contiguous, selective_scan_fn, validate_selective_scan
 from .selective_scan.torch_scan import piece_steps, scan_backward, scan_forward
 from .ssd.reference import process_dt
+from .ssd.torch_ssd import ssd_epilogue
 from .ssd.torch_ssd_fast import SSDCore, block_chunks
 from .ssd.torch_ssd_fast import _blocks as _ssd_blocks
 from .ssd.interface import (mamba_chunk_scan_combined, validate_ssd, validate_varlen, varlen_states,
@@ -330,16 +330,6 @@ def _ssd_saves_residuals(x: Tensor, backend: Optional[str]) -> bool:
     return resolve_backend(backend, x) == "torch"
 
 
-def _ssd_epilogue(y_core, xw, D, z, out_dtype):
-    """ssd_torch's ops after the core: + D x, * silu(z), cast to x's dtype."""
-    if D is not None:
-        Dw = D.to(xw.dtype)
-        y_core = y_core + (Dw[:, None] if Dw.dim() == 1 else Dw) * xw
-    if z is not None:
-        y_core = y_core * F.silu(z.to(xw.dtype))
-    return y_core.to(out_dtype)
-
-
 @torch.library.custom_op(f"{NAMESPACE}::ssd_fwd", mutates_args=())
 def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             dt_bias: Optional[Tensor], initial_states: Optional[Tensor], seq_idx: Optional[Tensor], chunk_size: int,
@@ -367,7 +357,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
                                             min(chunk_size, L), True)
             h_ins = ctx.saved_tensors[6:6 + ctx.n_h]  # (b, G, H / G, chunks of the block, P, N) per block
             h_in = torch.cat(h_ins, 3).view(b, H, -1, P, N)
-            y = _ssd_epilogue(y_core, xw, D, z, x.dtype)
+            y = ssd_epilogue(y_core, xw, D, z, x.dtype)
             y_core = y_core if z is not None else None
     empty = lambda t: x.new_empty((0,), dtype=sdt) if t is None else _fresh(t, sdt, inputs)  # noqa: E731
     return _fresh(y, x.dtype, inputs), _fresh(final, sdt, inputs), empty(y_core), empty(h_in)
@@ -431,7 +421,7 @@ def ssd_bwd_saved(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A
         h0 = h0_.to(sdt) if h0_ is not None else None
         # the epilogue's gradient w.r.t. the core's output: y_core's value matters only through z
         core_out = (y_core if z is not None else xw.new_zeros(()).expand(b, L, H, P)).detach().requires_grad_()
-        y = _ssd_epilogue(core_out, xw, D_, z_, x.dtype)
+        y = ssd_epilogue(core_out, xw, D_, z_, x.dtype)
         (dy_core,) = torch.autograd.grad(y, core_out, dy.to(y.dtype), retain_graph=True)
         ctx = _CoreCtx()
         ctx.Q, ctx.has_h0 = Q, h0 is not None

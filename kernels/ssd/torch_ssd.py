@@ -42,6 +42,17 @@ def _segsum(dA: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(expanded, dim=-2)
 
 
+def ssd_epilogue(y_core, xw, D, z, out_dtype):
+    """The ops after the SSD core, in autograd: + D x, * silu(z), cast to out_dtype. xw: x in the work dtype
+    (same length as y_core)."""
+    if D is not None:
+        Dw = D.to(xw.dtype)
+        y_core = y_core + (Dw[:, None] if Dw.dim() == 1 else Dw) * xw
+    if z is not None:
+        y_core = y_core * F.silu(z.to(xw.dtype))
+    return y_core.to(out_dtype)
+
+
 def _ssd_torch_autograd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
               dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -105,13 +116,7 @@ def _ssd_torch_autograd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None
     if seq is not None:  # only tokens of the incoming state's document see it
         y_in = torch.where((sc == seq_in[..., None])[:, :, None, None, :, None], y_in, 0.0)
     y = (y + y_in).permute(0, 1, 4, 2, 3, 5)  # (b, nc, Q, G, R, P)
-    y = y.reshape(batch, nc * Q, H, P)[:, :L]
-    if D is not None:
-        Dw = D.to(work)
-        y = y + (Dw[:, None] if Dw.dim() == 1 else Dw) * xw[:, :L]
-    if z is not None:
-        y = y * F.silu(z.to(work))
-    y = y.to(x.dtype)
+    y = ssd_epilogue(y.reshape(batch, nc * Q, H, P)[:, :L], xw[:, :L], D, z, x.dtype)
     if return_final_states:
         return y, h.reshape(batch, H, P, N)
     return y
@@ -128,12 +133,7 @@ def ssd_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     xw = x.to(work)
     h0 = initial_states.to(work) if initial_states is not None else None
     y, h = ssd_core(xw, dt, A.to(work), B.to(work), C.to(work), h0, seq_idx, Q, return_final_states)
-    if D is not None:
-        Dw = D.to(work)
-        y = y + (Dw[:, None] if Dw.dim() == 1 else Dw) * xw
-    if z is not None:
-        y = y * F.silu(z.to(work))
-    y = y.to(x.dtype)
+    y = ssd_epilogue(y, xw, D, z, x.dtype)
     if return_final_states:
         return y, h
     return y

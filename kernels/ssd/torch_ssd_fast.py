@@ -216,18 +216,21 @@ def _seq_prev(seq, t0):
     return seq[:, :1] if t0 == 0 else seq[:, t0 - 1:t0]
 
 
+def _geometry(x, B, Q):
+    """(b, L, H, P, G, N, R = heads per group, chunks per block, masks) of a core call."""
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    kblk = block_chunks(b, H, Q, P, N, x.element_size(), -(-L // Q))
+    return b, L, H, P, G, N, H // G, kblk, _masks(Q, x.dtype, x.device)
+
+
 class SSDCore(torch.autograd.Function):
     """A single-chunk sequence skips the matmuls of a zero incoming state (no h0) and of an unused end
     state (no final state asked for, no gradient into it)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, h0, seq, Q, need_final):
-        b, L, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        R = H // G
-        nc = -(-L // Q)
-        kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
-        masks = _masks(Q, x.dtype, x.device)
+        b, L, H, P, G, N, R, kblk, masks = _geometry(x, B, Q)
         y = torch.empty(b, L, H, P, dtype=x.dtype, device=x.device)
         h = h0.reshape(b, G, R, P, N) if h0 is not None else None  # None: zero
         save = any(ctx.needs_input_grad)  # else (no_grad, or no input needs a gradient) nothing is saved
@@ -283,12 +286,7 @@ class SSDCore(torch.autograd.Function):
         x, dt, A, B, C, seq, *rest = ctx.saved_tensors
         h_ins, kept = rest[:ctx.n_h], rest[ctx.n_h:]
         Q = ctx.Q
-        b, L, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        R = H // G
-        nc = -(-L // Q)
-        kblk = block_chunks(b, H, Q, P, N, x.element_size(), nc)
-        masks = _masks(Q, x.dtype, x.device)
+        b, L, H, P, G, N, R, kblk, masks = _geometry(x, B, Q)
         strict_cols = masks[2]  # [t, j] = t > j
         g = dh_final.reshape(b, G, R, P, N).to(x.dtype) if dh_final is not None else None  # None: zero
         if dy is None:

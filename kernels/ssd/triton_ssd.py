@@ -660,137 +660,180 @@ def _s4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+def ssd_triton_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seq, Q, softplus, dt_limit, precision):
+    """The forward kernels on prepared inputs (ssd_triton_prepare's): (out, final, dtp, cs, hin, ypre).
+    Residuals for ssd_triton_bwd: dtp and cs (batch * heads, Lp) fp32 (processed dt and its per-chunk cumsum,
+    Lp = chunks * Q), hin (batch * heads, chunks, headdim, dstate) in x's dtype (every chunk's incoming state),
+    ypre (batch, L, heads, headdim) in x's dtype (the output before the z gate) when z is given, else None."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    NC = triton.cdiv(L, Q)
+    Lp = NC * Q
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    has_limit = lo > 0.0 or hi != float("inf")
+    seq_arg = seq if seq is not None else dt
+    dtp = torch.empty(batch * H, Lp, **f32)
+    cs = torch.empty(batch * H, Lp, **f32)
+    _ssd_dt_cumsum_fwd[(batch * H, NC)](
+        dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, cs, L, H, Lp, *dt.stride(),
+        lo, hi if has_limit else 0.0, Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
+        HAS_LIMIT=has_limit, HAS_SEQ=seq is not None, num_warps=4, num_stages=1)
+    hin = torch.empty(batch * H, NC, P, N, device=dev, dtype=x.dtype)
+    final = torch.empty(batch, H, P, N, **f32)
+    cfg = block_config("state_fwd", P, N, x.dtype)
+    _ssd_state_fwd[(batch * H, triton.cdiv(P, cfg["BP"]), triton.cdiv(N, cfg["BN"]))](
+        x, B, dtp, cs, seq_arg, h0 if h0 is not None else final, hin, final, L, H, G, P, N, Lp, NC, Q,
+        *_s4(x), *_s4(B), HAS_SEQ=seq is not None, HAS_H0=h0 is not None, PREC=precision, **cfg)
+    out = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
+    ypre = torch.empty_like(out) if z is not None else out
+    cfg = block_config("chunk_scan_fwd", P, N, x.dtype)
+    zz = z if z is not None else x
+    _ssd_chunk_scan_fwd[(triton.cdiv(L, cfg["BT"]), triton.cdiv(P, cfg["BP"]), batch * H)](
+        x, zz, B, C, dtp, cs, seq_arg, hin, D if D is not None else A, out, ypre,
+        L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(zz), *_s4(B), *_s4(C),
+        HAS_SEQ=seq is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
+        HAS_Z=z is not None, PREC=precision, **cfg)
+    return out, final, dtp, cs, hin, ypre if z is not None else None
+
+
+def ssd_triton_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre, Q, softplus, dt_limit,
+                   precision, has_h0):
+    """The backward kernels from ssd_triton_fwd's inputs and residuals: (dx, ddt, dA, dB, dC, dD, dz, dbias,
+    dh0), None for an absent input (dh0 when not has_h0), each in its prepared input's dtype (dh0 fp32).
+    dout and dfinal may be None (no gradient reaches that output)."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    NC = triton.cdiv(L, Q)
+    Lp = NC * Q
+    if tuple(hin.shape) != (batch * H, NC, P, N) or tuple(dtp.shape) != (batch * H, Lp) or \
+            tuple(cs.shape) != (batch * H, Lp) or (z is not None and (ypre is None or ypre.shape != x.shape)):
+        raise ValueError(f"residuals must be dtp, cs {(batch * H, Lp)}, hin {(batch * H, NC, P, N)} and (with z) "
+                         f"ypre {tuple(x.shape)}, got dtp {tuple(dtp.shape)}, cs {tuple(cs.shape)}, "
+                         f"hin {tuple(hin.shape)}, ypre {None if ypre is None else tuple(ypre.shape)}")
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    has_limit = lo > 0.0 or hi != float("inf")
+    seq_arg = seq if seq is not None else dt
+    has_seq = seq is not None
+    if dout is None:
+        dout = torch.zeros_like(x)
+    dfinal = dfinal.float().contiguous() if dfinal is not None else None
+    dz = None
+    dy = dout
+    if z is not None:  # 4. the gate: dy = dout * silu(z), dz
+        dy = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
+        dz = torch.empty(batch, L, H, P, device=dev, dtype=z.dtype)
+        cfg = block_config("gate_bwd", P, N, x.dtype)
+        _ssd_gate_bwd[(triton.cdiv(L, cfg["BT"]), batch * H)](dout, z, ypre, dy, dz, L, H, P, *_s4(dout),
+                                                              *_s4(z), **cfg)
+    # 5. gradient of every chunk's end state (x's dtype) and of the initial state
+    dS = torch.empty_like(hin)
+    dh0 = torch.empty(batch, H, P, N, **f32)
+    cfg = block_config("state_bwd", P, N, x.dtype)
+    n_blk = triton.cdiv(P, cfg["BP"]) * triton.cdiv(N, cfg["BN"])
+    ddecay = torch.empty(batch * H, NC, n_blk, **f32)
+    _ssd_state_bwd[(batch * H, triton.cdiv(P, cfg["BP"]), triton.cdiv(N, cfg["BN"]))](
+        dy, C, cs, seq_arg, hin, dfinal if dfinal is not None else dh0, dS, dh0, ddecay, L, H, G, P, N, Lp, NC, Q,
+        *_s4(dy), *_s4(C), HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None, PREC=precision, **cfg)
+    # 6. key side per head: dx, dt.x, key half of dcs, D partials
+    dx = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
+    ddtx = torch.empty(batch * H, Lp, **f32)
+    gw = torch.empty(batch * H, Lp, **f32)
+    cfg = block_config("chunk_bwd_dx", P, N, x.dtype)
+    n_s = triton.cdiv(L, cfg["BS"])
+    dD_part = torch.empty(batch * n_s, H, P, **f32) if D is not None else gw
+    _ssd_chunk_bwd_dx[(n_s, batch * H)](
+        x, dy, B, C, dtp, cs, seq_arg, dS, D if D is not None else A, dx, ddtx, gw, dD_part,
+        L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B), *_s4(C), HAS_SEQ=has_seq, HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2, PREC=precision, **cfg)
+    # 7. dB and dC, each summed over a group's heads in the program
+    dB = torch.empty(batch, L, G, N, device=dev, dtype=B.dtype)
+    cfg = block_config("chunk_bwd_db", P, N, x.dtype)
+    _ssd_chunk_bwd_db[(triton.cdiv(L, cfg["BS"]), triton.cdiv(N, cfg["BN"]), batch * G)](
+        x, dy, C, dtp, cs, seq_arg, dS, dB, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(C),
+        HAS_SEQ=has_seq, PREC=precision, **cfg)
+    dC = torch.empty(batch, L, G, N, device=dev, dtype=C.dtype)
+    cfg = block_config("chunk_bwd_dc", P, N, x.dtype)
+    _ssd_chunk_bwd_dc[(triton.cdiv(L, cfg["BT"]), triton.cdiv(N, cfg["BN"]), batch * G)](
+        x, dy, B, dtp, cs, seq_arg, hin, dC, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
+        HAS_SEQ=has_seq, PREC=precision, **cfg)
+    # 8. query half of dcs
+    cfg = block_config("chunk_bwd_dcs", P, N, x.dtype)
+    J = Q // cfg["BT"]
+    dcs = torch.empty(batch * H, Lp, **f32)
+    dcsk = torch.zeros(batch * H, J, Lp, **f32)
+    _ssd_chunk_bwd_dcs[(triton.cdiv(L, cfg["BT"]), batch * H)](
+        x, dy, B, C, dtp, cs, seq_arg, hin, dcs, dcsk, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
+        *_s4(C), HAS_SEQ=has_seq, PREC=precision, **cfg)
+    # 9. decays, dt, A, dt_bias
+    ddt = torch.empty(batch, L, H, device=dev, dtype=dt.dtype)
+    dA_part = torch.empty(batch * H, **f32)
+    dbias_part = torch.empty(batch * H, **f32)
+    _ssd_dt_bwd[(batch * H,)](
+        dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, cs, dcs, dcsk, gw, ddecay, ddtx, ddt, dA_part,
+        dbias_part, L, H, Lp, NC, J, n_blk, *dt.stride(), lo, hi if has_limit else 0.0,
+        Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, HAS_LIMIT=has_limit, HAS_SEQ=has_seq,
+        num_warps=_dt_bwd_warps(Q), num_stages=1)
+    dA = dA_part.view(batch, H).sum(0).to(A.dtype)
+    dD = None
+    if D is not None:
+        dD = dD_part.sum(0)
+        dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
+    dbias = dbias_part.view(batch, H).sum(0).to(dt_bias.dtype) if dt_bias is not None else None
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 if has_h0 else None
+
+
 class _SSD(torch.autograd.Function):
+    """Eager autograd over ssd_triton_fwd / ssd_triton_bwd (compile_ops calls the two functions directly)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, seq, Q, softplus, dt_limit, precision):
-        batch, L, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        NC = triton.cdiv(L, Q)
-        Lp = NC * Q
-        dev = x.device
-        f32 = dict(device=dev, dtype=torch.float32)
-        lo, hi = float(dt_limit[0]), float(dt_limit[1])
-        has_limit = lo > 0.0 or hi != float("inf")
-        seq_arg = seq if seq is not None else dt
-        dtp = torch.empty(batch * H, Lp, **f32)
-        cs = torch.empty(batch * H, Lp, **f32)
-        _ssd_dt_cumsum_fwd[(batch * H, NC)](
-            dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, cs, L, H, Lp, *dt.stride(),
-            lo, hi if has_limit else 0.0, Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
-            HAS_LIMIT=has_limit, HAS_SEQ=seq is not None, num_warps=4, num_stages=1)
-        hin = torch.empty(batch * H, NC, P, N, device=dev, dtype=x.dtype)
-        final = torch.empty(batch, H, P, N, **f32)
-        cfg = block_config("state_fwd", P, N, x.dtype)
-        _ssd_state_fwd[(batch * H, triton.cdiv(P, cfg["BP"]), triton.cdiv(N, cfg["BN"]))](
-            x, B, dtp, cs, seq_arg, h0 if h0 is not None else final, hin, final, L, H, G, P, N, Lp, NC, Q,
-            *_s4(x), *_s4(B), HAS_SEQ=seq is not None, HAS_H0=h0 is not None, PREC=precision, **cfg)
-        out = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
-        ypre = torch.empty_like(out) if z is not None else out
-        cfg = block_config("chunk_scan_fwd", P, N, x.dtype)
-        zz = z if z is not None else x
-        _ssd_chunk_scan_fwd[(triton.cdiv(L, cfg["BT"]), triton.cdiv(P, cfg["BP"]), batch * H)](
-            x, zz, B, C, dtp, cs, seq_arg, hin, D if D is not None else A, out, ypre,
-            L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(zz), *_s4(B), *_s4(C),
-            HAS_SEQ=seq is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-            HAS_Z=z is not None, PREC=precision, **cfg)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre if z is not None else None)
-        ctx.meta = (Q, softplus, lo, hi, has_limit, precision, h0 is not None)
+        out, final, dtp, cs, hin, ypre = ssd_triton_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seq, Q, softplus,
+                                                        dt_limit, precision)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre)
+        ctx.meta = (Q, softplus, dt_limit, precision, h0 is not None)
         return out, final
 
     @staticmethod
     def backward(ctx, dout, dfinal):
         x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre = ctx.saved_tensors
-        Q, softplus, lo, hi, has_limit, precision, has_h0 = ctx.meta
-        batch, L, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        NC = triton.cdiv(L, Q)
-        Lp = NC * Q
-        dev = x.device
-        f32 = dict(device=dev, dtype=torch.float32)
-        seq_arg = seq if seq is not None else dt
-        has_seq = seq is not None
-        if dout is None:
-            dout = torch.zeros_like(x)
-        dfinal = dfinal.float().contiguous() if dfinal is not None else None
-        dz = None
-        dy = dout
-        if z is not None:  # 4. the gate: dy = dout * silu(z), dz
-            dy = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
-            dz = torch.empty(batch, L, H, P, device=dev, dtype=z.dtype)
-            cfg = block_config("gate_bwd", P, N, x.dtype)
-            _ssd_gate_bwd[(triton.cdiv(L, cfg["BT"]), batch * H)](dout, z, ypre, dy, dz, L, H, P, *_s4(dout),
-                                                                  *_s4(z), **cfg)
-        # 5. gradient of every chunk's end state (x's dtype) and of the initial state
-        dS = torch.empty_like(hin)
-        dh0 = torch.empty(batch, H, P, N, **f32)
-        cfg = block_config("state_bwd", P, N, x.dtype)
-        n_blk = triton.cdiv(P, cfg["BP"]) * triton.cdiv(N, cfg["BN"])
-        ddecay = torch.empty(batch * H, NC, n_blk, **f32)
-        _ssd_state_bwd[(batch * H, triton.cdiv(P, cfg["BP"]), triton.cdiv(N, cfg["BN"]))](
-            dy, C, cs, seq_arg, hin, dfinal if dfinal is not None else dh0, dS, dh0, ddecay, L, H, G, P, N, Lp, NC, Q,
-            *_s4(dy), *_s4(C), HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None, PREC=precision, **cfg)
-        # 6. key side per head: dx, dt.x, key half of dcs, D partials
-        dx = torch.empty(batch, L, H, P, device=dev, dtype=x.dtype)
-        ddtx = torch.empty(batch * H, Lp, **f32)
-        gw = torch.empty(batch * H, Lp, **f32)
-        cfg = block_config("chunk_bwd_dx", P, N, x.dtype)
-        n_s = triton.cdiv(L, cfg["BS"])
-        dD_part = torch.empty(batch * n_s, H, P, **f32) if D is not None else gw
-        _ssd_chunk_bwd_dx[(n_s, batch * H)](
-            x, dy, B, C, dtp, cs, seq_arg, dS, D if D is not None else A, dx, ddtx, gw, dD_part,
-            L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B), *_s4(C), HAS_SEQ=has_seq, HAS_D=D is not None,
-            D_PER_CHANNEL=D is not None and D.dim() == 2, PREC=precision, **cfg)
-        # 7. dB and dC, each summed over a group's heads in the program
-        dB = torch.empty(batch, L, G, N, device=dev, dtype=B.dtype)
-        cfg = block_config("chunk_bwd_db", P, N, x.dtype)
-        _ssd_chunk_bwd_db[(triton.cdiv(L, cfg["BS"]), triton.cdiv(N, cfg["BN"]), batch * G)](
-            x, dy, C, dtp, cs, seq_arg, dS, dB, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(C),
-            HAS_SEQ=has_seq, PREC=precision, **cfg)
-        dC = torch.empty(batch, L, G, N, device=dev, dtype=C.dtype)
-        cfg = block_config("chunk_bwd_dc", P, N, x.dtype)
-        _ssd_chunk_bwd_dc[(triton.cdiv(L, cfg["BT"]), triton.cdiv(N, cfg["BN"]), batch * G)](
-            x, dy, B, dtp, cs, seq_arg, hin, dC, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
-            HAS_SEQ=has_seq, PREC=precision, **cfg)
-        # 8. query half of dcs
-        cfg = block_config("chunk_bwd_dcs", P, N, x.dtype)
-        J = Q // cfg["BT"]
-        dcs = torch.empty(batch * H, Lp, **f32)
-        dcsk = torch.zeros(batch * H, J, Lp, **f32)
-        _ssd_chunk_bwd_dcs[(triton.cdiv(L, cfg["BT"]), batch * H)](
-            x, dy, B, C, dtp, cs, seq_arg, hin, dcs, dcsk, L, H, G, P, N, Lp, NC, Q, *_s4(x), *_s4(dy), *_s4(B),
-            *_s4(C), HAS_SEQ=has_seq, PREC=precision, **cfg)
-        # 9. decays, dt, A, dt_bias
-        ddt = torch.empty(batch, L, H, device=dev, dtype=dt.dtype)
-        dA_part = torch.empty(batch * H, **f32)
-        dbias_part = torch.empty(batch * H, **f32)
-        _ssd_dt_bwd[(batch * H,)](
-            dt, A, dt_bias if dt_bias is not None else A, seq_arg, dtp, cs, dcs, dcsk, gw, ddecay, ddtx, ddt, dA_part,
-            dbias_part, L, H, Lp, NC, J, n_blk, *dt.stride(), lo, hi if has_limit else 0.0,
-            Q=Q, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, HAS_LIMIT=has_limit, HAS_SEQ=has_seq,
-            num_warps=_dt_bwd_warps(Q), num_stages=1)
-        dA = dA_part.view(batch, H).sum(0).to(A.dtype)
-        dD = None
-        if D is not None:
-            dD = dD_part.sum(0)
-            dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
-        dbias = dbias_part.view(batch, H).sum(0).to(dt_bias.dtype) if dt_bias is not None else None
-        return (dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 if has_h0 else None) + (None,) * 5
+        Q, softplus, dt_limit, precision, has_h0 = ctx.meta
+        grads = ssd_triton_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq, dtp, cs, hin, ypre, Q, softplus,
+                               dt_limit, precision, has_h0)
+        return grads + (None,) * 5
+
+
+def ssd_triton_check(x, chunk_size):
+    """The triton backend's own limits (ValueError): x's dtype, the chunk size, batch * heads."""
+    if x.dtype == torch.float64:
+        raise ValueError("the triton backend takes float16/bfloat16/float32 x; use backend='torch' or 'ref' for "
+                         "float64")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the triton backend, got {chunk_size!r}")
+    if x.shape[0] * x.shape[2] > MAX_GRID_YZ:  # batch * heads is a grid's y or z extent
+        raise ValueError(f"the triton backend takes batch * heads <= {MAX_GRID_YZ}, got x of shape {tuple(x.shape)}")
+
+
+def ssd_triton_inputs(A, D, dt_bias, initial_states, seq_idx):
+    """The prepared (A, D, dt_bias, h0, seq) that ssd_triton_fwd / ssd_triton_bwd take: the (heads,)-sized A, D,
+    dt_bias in fp32, D and the initial states contiguous, seq_idx int32."""
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    h0 = initial_states.contiguous() if initial_states is not None else None
+    D32 = D.float().contiguous() if D is not None else None
+    bias32 = dt_bias.float() if dt_bias is not None else None
+    return A.float(), D32, bias32, h0, seq
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
                dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, precision=None):
     """Inputs already validated by mamba_chunk_scan_combined (same contract). Tensors go to the kernels
     with their strides and dtypes; only the (heads,)-sized A, D, dt_bias become fp32, seq_idx int32."""
-    if chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the triton backend, got {chunk_size!r}")
-    if x.shape[0] * x.shape[2] > MAX_GRID_YZ:  # batch * heads is a grid's y or z extent
-        raise ValueError(f"the triton backend takes batch * heads <= {MAX_GRID_YZ}, got x of shape {tuple(x.shape)}")
-    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-    h0 = initial_states.contiguous() if initial_states is not None else None
-    D32 = D.float().contiguous() if D is not None else None
-    bias32 = dt_bias.float() if dt_bias is not None else None
-    out, final = _SSD.apply(x, dt, A.float(), B, C, D32, z, bias32, h0, seq, chunk_size, bool(dt_softplus),
+    ssd_triton_check(x, chunk_size)
+    A32, D32, bias32, h0, seq = ssd_triton_inputs(A, D, dt_bias, initial_states, seq_idx)
+    out, final = _SSD.apply(x, dt, A32, B, C, D32, z, bias32, h0, seq, chunk_size, bool(dt_softplus),
                             tuple(dt_limit), precision or DOT_PRECISION)
     return (out, final) if return_final_states else out
 

@@ -7,9 +7,8 @@ Functions, Python loops), AOTAutograd and Inductor see only its fake implementat
 strides) and its autograd formula.
 
 Design choices:
-- Each op's real implementation calls the public eager function with the caller's `backend` (the scan with
-  the torch or triton backend, the SSD with the torch backend: that backend's forward as plain functions,
-  see below). The backend is resolved while tracing (`selective_scan_compiled`, `ssd_compiled`) and handed to
+- Each op's real implementation calls the public eager function with the caller's `backend` (the scan and
+  the SSD with the torch or triton backend: that backend's forward as plain functions, see below). The backend is resolved while tracing (`selective_scan_compiled`, `ssd_compiled`) and handed to
   the op by name: the fake implementation's residual shapes and the autograd formula depend on it, so the
   op must run the backend they were traced for. Dynamo guards on the global backend that resolution reads
   (set_backend / use_backend): switching it recompiles. No recursion:
@@ -34,18 +33,25 @@ Design choices:
   block; ctx.Q, has_h0, n_h) and its block partition (block_chunks, _blocks); the tests compare with
   eager bit for bit, so a change there shows up at once. Plain forward / backward functions in
   torch_ssd_fast (as torch_scan's scan_forward / scan_backward) would remove that coupling.
-- Backward, every other case (scan and SSD with ref, SSD with triton): a second custom op recomputes the
-  forward under autograd with the same eager function and calls torch.autograd.grad. This costs one extra
-  forward per backward, but stays exact for every option (seq_idx, initial states...) without depending on
-  the backend's saved tensors (Triton's SSD keeps its own inside its autograd.Function). Gradients flow
-  exactly where the eager function's do (whatever a backend does with the last / final state's gradient,
-  it does in eager and compiled alike).
+- Backward, SSD with the triton backend: the forward op runs triton_ssd.ssd_triton_fwd (the launcher of the
+  eager autograd.Function, on the inputs ssd_triton_inputs prepares as ssd_triton does) and returns its
+  residuals: the output before the z gate (with z), every chunk's incoming state, the processed dt and its
+  per-chunk cumsum, in the kernels' own layouts and dtypes (padded length chunks * chunk_size). The backward
+  op (ssd_bwd_triton) runs triton_ssd.ssd_triton_bwd on them: no forward kernel in the backward, results
+  bit-identical to eager (the fp32 gradients of A, D, dt_bias and the initial states cast to the inputs'
+  dtypes as eager autograd casts them).
+- Backward, every other case (scan and SSD with ref): a second custom op recomputes the forward under
+  autograd with the same eager function and calls torch.autograd.grad. This costs one extra forward per
+  backward, but stays exact for every option (seq_idx, initial states...) without depending on the
+  backend's saved tensors. Gradients flow exactly where the eager function's do (whatever a backend does
+  with the last / final state's gradient, it does in eager and compiled alike).
 - Inductor's and AOTAutograd's on-disk caches key on the traced graph, not on this file: after a change
   here a warm cache (TORCHINDUCTOR_CACHE_DIR) can hand back graphs built with the old registrations (seen:
   the old recomputing backward after the residual outputs were added). Clear it, or set
   TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, when timing a change.
 - Outputs are new dense (row-major) tensors of fixed dtypes (out like u / x; states and residuals float32,
-  float64 for float64 inputs), so the fake implementations state exact strides and Inductor's stride checks hold.
+  float64 for float64 inputs; the Triton SSD's y_core and h_in in x's dtype), so the fake implementations
+  state exact strides and Inductor's stride checks hold.
 - The fake implementations run the eager argument checks, so bad input raises the eager ValueError while
   compiling, before anything runs (with concrete shapes; under dynamic shapes the op's own call checks).
 """
@@ -324,43 +330,60 @@ class _CoreCtx:
         pass
 
 
-def _ssd_saves_residuals(x: Tensor, backend: Optional[str]) -> bool:
-    """Whether the SSD op runs the torch backend's core (torch_ssd_fast.SSDCore) itself and keeps its per-chunk
-    incoming states for the backward, rather than calling the eager function and recomputing."""
-    return resolve_backend(backend, x) == "torch"
+def _ssd_residual_backend(x: Tensor, backend: Optional[str]) -> Optional[str]:
+    """"torch" where the SSD op runs the torch backend's core (torch_ssd_fast.SSDCore) itself and keeps its
+    per-chunk incoming states, "triton" where it runs triton_ssd.ssd_triton_fwd and keeps its residuals, None
+    (ref) where it calls the eager function and the backward recomputes. From the device and backend alone, so
+    the real and fake implementations and the autograd formula agree."""
+    name = resolve_backend(backend, x)
+    return name if name in ("torch", "triton") else None
 
 
 @torch.library.custom_op(f"{NAMESPACE}::ssd_fwd", mutates_args=())
 def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
             dt_bias: Optional[Tensor], initial_states: Optional[Tensor], seq_idx: Optional[Tensor], chunk_size: int,
             dt_softplus: bool, dt_limit: list[float],
-            backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y (batch, L, heads, headdim) in x's dtype, final states (batch, heads, headdim, dstate), y_core,
-    h_in): the results, then the torch backend's residuals for the backward: the core's output before D and
-    z (batch, L, heads, headdim) when z is given (else empty (0,)) and every chunk's incoming state
-    (batch, heads, chunks, headdim, dstate); empty (0,) for the other backends (their backward recomputes)."""
+            backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y (batch, L, heads, headdim) in x's dtype, final states (batch, heads, headdim, dstate), y_core, h_in,
+    dtp, cs): the results, then the backend's residuals for the backward, empty (0,) where absent or unused.
+    torch: y_core = the core's output before D and z (batch, L, heads, headdim) when z is given, h_in = every
+    chunk's incoming state (batch, heads, chunks, headdim, dstate), in the state dtype; dtp, cs empty.
+    triton (triton_ssd.ssd_triton_fwd's): y_core = the output before the z gate (batch, L, heads, headdim)
+    when z is given and h_in = every chunk's incoming state (batch * heads, chunks, headdim, dstate), both in
+    x's dtype; dtp, cs = processed dt and its per-chunk cumsum (batch * heads, chunks * chunk_size) fp32.
+    ref: all empty (its backward recomputes)."""
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     sdt = _state_dtype(x)
-    y_core = h_in = None
+    y_core = h_in = dtp = cs = None
+    kind = _ssd_residual_backend(x, backend)
     with torch.no_grad():
-        if not _ssd_saves_residuals(x, backend):
+        if kind is None:
             y, final = _ssd_eager(*inputs, chunk_size, dt_softplus, dt_limit, backend)
+        elif kind == "triton":  # as triton_ssd.ssd_triton, the autograd Function's forward as a plain function
+            from .ssd import triton_ssd
+            validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
+            triton_ssd.ssd_triton_check(x, chunk_size)
+            A32, D32, bias32, h0, seq = triton_ssd.ssd_triton_inputs(A, D, dt_bias, initial_states, seq_idx)
+            y, final, dtp, cs, h_in, y_core = triton_ssd.ssd_triton_fwd(
+                x, dt, A32, B, C, D32, z, bias32, h0, seq, chunk_size, dt_softplus, tuple(dt_limit),
+                triton_ssd.DOT_PRECISION)
         else:  # ssd_torch's steps, the core as plain functions
             validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
             b, L, H, P = x.shape
             G, N = B.shape[2], B.shape[3]
             xw = x.to(sdt)
-            dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)
+            dtw = process_dt(dt, dt_bias, dt_softplus, dt_limit)
             h0 = initial_states.to(sdt) if initial_states is not None else None
             ctx = _CoreCtx()
-            y_core, final = SSDCore.forward(ctx, xw, dtp, A.to(sdt), B.to(sdt), C.to(sdt), h0, seq_idx,
+            y_core, final = SSDCore.forward(ctx, xw, dtw, A.to(sdt), B.to(sdt), C.to(sdt), h0, seq_idx,
                                             min(chunk_size, L), True)
             h_ins = ctx.saved_tensors[6:6 + ctx.n_h]  # (b, G, H / G, chunks of the block, P, N) per block
             h_in = torch.cat(h_ins, 3).view(b, H, -1, P, N)
             y = ssd_epilogue(y_core, xw, D, z, x.dtype)
             y_core = y_core if z is not None else None
-    empty = lambda t: x.new_empty((0,), dtype=sdt) if t is None else _fresh(t, sdt, inputs)  # noqa: E731
-    return _fresh(y, x.dtype, inputs), _fresh(final, sdt, inputs), empty(y_core), empty(h_in)
+    empty = lambda t: x.new_empty((0,), dtype=sdt) if t is None else _fresh(t, t.dtype, inputs)  # noqa: E731
+    return (_fresh(y, x.dtype, inputs), _fresh(final, sdt, inputs), empty(y_core), empty(h_in), empty(dtp),
+            empty(cs))
 
 
 @ssd_fwd.register_fake
@@ -371,13 +394,23 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_sof
     batch, L, H, P = x.shape
     N = B.shape[3]
     sdt = _state_dtype(x)
-    y_core, h_in = x.new_empty((0,), dtype=sdt), x.new_empty((0,), dtype=sdt)
-    if _ssd_saves_residuals(x, backend):
+    y_core, h_in, dtp, cs = (x.new_empty((0,), dtype=sdt) for _ in range(4))
+    kind = _ssd_residual_backend(x, backend)
+    if kind == "torch":
         if z is not None:
             y_core = x.new_empty((batch, L, H, P), dtype=sdt)
         Q = min(chunk_size, L)
         h_in = x.new_empty((batch, H, (L + Q - 1) // Q, P, N), dtype=sdt)
-    return x.new_empty((batch, L, H, P)), x.new_empty((batch, H, P, N), dtype=sdt), y_core, h_in
+    elif kind == "triton":  # as ssd_triton_fwd allocates them
+        from .ssd.triton_ssd import ssd_triton_check
+        if _static(x):
+            ssd_triton_check(x, chunk_size)
+        NC = (L + chunk_size - 1) // chunk_size
+        if z is not None:
+            y_core = x.new_empty((batch, L, H, P))
+        h_in = x.new_empty((batch * H, NC, P, N))
+        dtp, cs = (x.new_empty((batch * H, NC * chunk_size), dtype=torch.float32) for _ in range(2))
+    return x.new_empty((batch, L, H, P)), x.new_empty((batch, H, P, N), dtype=sdt), y_core, h_in, dtp, cs
 
 
 @torch.library.custom_op(f"{NAMESPACE}::ssd_bwd", mutates_args=())
@@ -446,19 +479,49 @@ def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_core
     return _fake_grads((x, dt, A, B, C, D, z, dt_bias, initial_states))
 
 
+@torch.library.custom_op(f"{NAMESPACE}::ssd_bwd_triton", mutates_args=())
+def ssd_bwd_triton(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                   initial_states: Optional[Tensor], seq_idx: Optional[Tensor], y_core: Tensor, h_in: Tensor,
+                   dtp: Tensor, cs: Tensor, chunk_size: int, dt_softplus: bool, dt_limit: list[float]) -> list[Tensor]:
+    """The triton backend's backward kernels (triton_ssd.ssd_triton_bwd) from ssd_fwd's residuals: no forward
+    kernel runs. Gradients as ssd_bwd's, each in its input's dtype (the kernels' fp32 gradients of A, D,
+    dt_bias and the initial states cast as eager autograd casts them)."""
+    from .ssd import triton_ssd
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    A32, D32, bias32, h0, seq = triton_ssd.ssd_triton_inputs(A, D, dt_bias, initial_states, seq_idx)
+    with torch.no_grad():
+        grads = triton_ssd.ssd_triton_bwd(dy.to(x.dtype), dfinal, x, dt, A32, B, C, D32, z, bias32, seq, dtp, cs,
+                                          h_in, y_core if z is not None else None, chunk_size, dt_softplus,
+                                          tuple(dt_limit), triton_ssd.DOT_PRECISION, h0 is not None)
+    everything = (dy, dfinal, *inputs, seq_idx, y_core, h_in, dtp, cs)
+    return [_fresh(g, t.dtype, everything) for t, g in zip(inputs, grads) if t is not None]
+
+
+@ssd_bwd_triton.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_core, h_in, dtp, cs, chunk_size,
+      dt_softplus, dt_limit):
+    return _fake_grads((x, dt, A, B, C, D, z, dt_bias, initial_states))
+
+
 def _ssd_setup_context(ctx, inputs, output):
     *tensors, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit, ctx.backend = inputs
-    _, _, y_core, h_in = output
-    ctx.mark_non_differentiable(y_core, h_in)
-    ctx.residuals = _ssd_saves_residuals(tensors[0], ctx.backend)
-    ctx.save_for_backward(*tensors, *((y_core, h_in) if ctx.residuals else ()))
+    _, _, *residuals = output
+    ctx.mark_non_differentiable(*residuals)
+    ctx.residuals = _ssd_residual_backend(tensors[0], ctx.backend)
+    kept = {"torch": residuals[:2], "triton": residuals, None: ()}[ctx.residuals]
+    ctx.save_for_backward(*tensors, *kept)
 
 
-def _ssd_backward(ctx, dy, dfinal, dy_core, dh_in):
+def _ssd_backward(ctx, dy, dfinal, *_):
     tensors = ctx.saved_tensors
-    if ctx.residuals:
+    if ctx.residuals == "torch":
         *tensors, y_core, h_in = tensors
         grads = ssd_bwd_saved(dy, dfinal, *tensors, y_core, h_in, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit)
+    elif ctx.residuals == "triton":
+        *tensors, y_core, h_in, dtp, cs = tensors
+        grads = ssd_bwd_triton(dy, dfinal, *tensors, y_core, h_in, dtp, cs, ctx.chunk_size, ctx.dt_softplus,
+                               ctx.dt_limit)
     else:
         grads = ssd_bwd(dy, dfinal, *tensors, ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit, ctx.backend)
     return _unpack_grads(tensors, grads) + (None, None, None, None)
@@ -475,7 +538,7 @@ def ssd_compiled(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initi
     there (only when return_varlen_states is set)."""
     bounds = validate_varlen(x, cu_seqlens, return_varlen_states, state_dtype)
     backend = _traced_backend(backend, x)
-    y, final, _, _ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size,
+    y, final, *_ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size,
                              bool(dt_softplus), [float(v) for v in dt_limit], backend)
     res = (y, final) if return_final_states else y
     if not return_varlen_states:

@@ -6,7 +6,8 @@
   the last bit but for the fp32 rounding of the surrounding ops that AOTAutograd and Inductor decompose or
   fuse (measured: 0 for the ops alone, 7e-7 in the MoT model); a norm-relative error of 1e-5 allows that and
   nothing more.
-- Saved residuals (scan: torch and triton backends; SSD: torch): the backward op runs the backend's own
+- Saved residuals (scan and SSD: torch and triton backends; the Triton ones through the interpreter on CPU at
+  tiny shapes, the SSD's with chunk 64 and L = 70): the backward op runs the backend's own
   backward from the forward's residuals, checked by counting forward calls while the backward runs (none),
   bit for bit against eager, and in float64 against the ref backend; several pieces / chunks / blocks
   (budgets shrunk by monkeypatch), dynamic shapes, the ref backend's recompute path kept.
@@ -580,12 +581,110 @@ def test_opcheck_ssd_with_states(L, one_chunk_blocks):
     rest = (4, True, [0.01, 2.0])
     torch.library.opcheck(ssd_fwd, (*args, *rest, "torch"))
     detached = [a.detach() if a is not None and a.is_floating_point() else a for a in args]
-    y, final, y_core, h_in = ssd_fwd(*detached, *rest, "torch")
+    y, final, y_core, h_in, dtp, cs = ssd_fwd(*detached, *rest, "torch")
+    assert dtp.shape == cs.shape == (0,)  # the triton backend's residuals
     assert y_core.shape == (2, L, 4, 2) and h_in.shape == (2, 4, 3, 2, 3)  # chunks of 4, 4, 4 / 4, 4, 2
     torch.library.opcheck(ssd_bwd_saved, (torch.randn_like(y), torch.randn_like(final), *detached, y_core, h_in,
                                           *rest))
     with pytest.raises(ValueError, match=r"h_in must have shape \(2, 4, 3, 2, 3\)"):
         ssd_bwd_saved(torch.randn_like(y), None, *detached, y_core, h_in[:, :, :2], *rest)
+
+
+# ---------------------------------------------------------------- the SSD op's saved residuals (triton backend)
+
+@pytest.fixture
+def triton_ssd_calls(monkeypatch):
+    """Counts calls of the Triton SSD's forward launcher (eager and compiled both go through it) and of
+    compile_ops' eager recompute."""
+    from kernels.ssd import triton_ssd
+    calls = []
+    forward, eager = triton_ssd.ssd_triton_fwd, compile_ops._ssd_eager
+    monkeypatch.setattr(triton_ssd, "ssd_triton_fwd", lambda *a: calls.append("ssd_triton_fwd") or forward(*a))
+    monkeypatch.setattr(compile_ops, "_ssd_eager", lambda *a: calls.append("_ssd_eager") or eager(*a))
+    return calls
+
+
+def triton_ssd_args(options, dtype=torch.float32, L=70, batch=2):
+    """ssd_residual_args on TRITON_DEVICE with chunk 64 (L = 70: a whole chunk and a partial one); x, dt, B, C,
+    z and the initial states in `dtype`, A, D, dt_bias float32 (float64 with a 16-bit dtype: the launcher's
+    fp32 casts both ways); seq_idx: row 0 a document crossing the chunk border, row 1 one starting on it. The
+    first `batch` rows (1 or 2; the interpreter's time grows with batch * heads)."""
+    kw = dict(ssd_residual_args(options - {"seq_idx"}, torch.float32, L, seed=6), chunk_size=64, backend="triton")
+    if "seq_idx" in options:
+        kw["seq_idx"] = torch.tensor([[0] * 30 + [1] * (L - 30), [0] * 64 + [1] * (L - 64)])
+    low = ("x", "dt", "B", "C", "z", "initial_states")
+    to = lambda k, v: v.to(dtype if k in low else torch.float64 if dtype.itemsize == 2 else v.dtype)  # noqa: E731
+    kw = {k: v[:batch] if isinstance(v, torch.Tensor) and k not in ("A", "D", "dt_bias") else v for k, v in kw.items()}
+    return {k: to(k, v.detach()).to(TRITON_DEVICE).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) and
+            v.is_floating_point() else v.to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+ALL_SSD = {"seq_idx", "D", "z", "dt_bias", "initial_states", "limits"}
+
+
+@pytest.mark.parametrize("options,dtype,batch", [
+    (set(), torch.float32, 1), (ALL_SSD, torch.float32, 2), (ALL_SSD - {"D"} | {"D1"}, torch.bfloat16, 1)],
+    ids=["plain", "all", "all-D1-bf16"])
+def test_compiled_ssd_triton_backward_uses_the_saved_residuals(options, dtype, batch, triton_ssd_calls):
+    """triton: the forward op keeps ssd_triton_fwd's residuals (dtp, cs, hin, ypre) and the backward op runs
+    ssd_triton_bwd on them: no forward launcher call and no eager recompute while the backward runs,
+    forward and every gradient bit-identical to eager (bf16: A, D, dt_bias, initial states in bf16, their
+    fp32 kernel gradients cast as eager autograd casts them); fp32 matches the float64 ref backend."""
+    kw = triton_ssd_args(options, dtype, batch=batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(ssd_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
+    y, final = compiled(**kw)
+    assert triton_ssd_calls == ["ssd_triton_fwd"]  # straight from the op, no eager dispatch
+    triton_ssd_calls.clear()
+    compiled_grads = torch.autograd.grad(weighted_loss(y, final), requiring_grad(kw))
+    assert triton_ssd_calls == []
+    eager, eager_grads = ssd_outputs_and_grads(ssd_outputs, kw)
+    assert len(compiled_grads) == len(eager_grads) == len(requiring_grad(kw))
+    for c, e in zip((y, final, *compiled_grads), (*eager, *eager_grads), strict=True):
+        assert c.dtype == e.dtype and c.shape == e.shape and torch.equal(c, e)
+    if dtype == torch.float32:
+        ref_kw = {k: v.detach().cpu().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) and
+                  v.is_floating_point() else v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        ref, ref_grads = ssd_outputs_and_grads(ssd_outputs, dict(ref_kw, backend="ref", chunk_size=4))
+        for c, e in zip((y, final, *compiled_grads), (*ref, *ref_grads), strict=True):
+            assert rel(c.cpu(), e) < 1e-5
+
+
+def test_ssd_triton_residual_shapes_and_opcheck():
+    """The fake implementation's residuals are ssd_triton_fwd's allocations (shapes, dtypes, strides): dtp and
+    cs (batch * heads, chunks * 64) fp32, hin (batch * heads, chunks, headdim, dstate) and ypre (batch, L,
+    heads, headdim) in x's dtype; opcheck of both ops (schemas, fakes, autograd registration); a wrong residual
+    is a ValueError; a chunk size or dtype the kernels do not take raises while compiling."""
+    kw = triton_ssd_args(ALL_SSD, L=70, batch=1)
+    args = [kw.get(k) for k in SSD_NAMES]
+    rest = (64, True, [0.01, 2.0])
+    detached = [a.detach() if a is not None and a.is_floating_point() else a for a in args]
+    real = ssd_fwd(*detached, *rest, "triton")
+    fake = torch._subclasses.FakeTensorMode()
+    with fake:
+        fk = ssd_fwd(*(fake.from_tensor(a) if a is not None else None for a in detached), *rest, "triton")
+    assert [tuple(r.shape) for r in real[2:]] == [(1, 70, 4, 2), (4, 2, 2, 3), (4, 128), (4, 128)]
+    for r, f in zip(real, fk, strict=True):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+    no_z = list(detached)
+    no_z[SSD_NAMES.index("z")] = None
+    assert ssd_fwd(*no_z, *rest, "triton")[2].shape == (0,)  # no gate: no ypre
+    torch.library.opcheck(ssd_fwd, (*args, *rest, "triton"))  # incl. forward + backward with symbolic shapes
+    y, final, *res = real
+    torch.library.opcheck(compile_ops.ssd_bwd_triton, (torch.randn_like(y), torch.randn_like(final), *detached,
+                                                       *res, *rest), test_utils=("test_faketensor",))
+    y_core, h_in, dtp, cs = res
+    with pytest.raises(ValueError, match=r"residuals must be dtp, cs \(4, 128\), hin \(4, 2, 2, 3\)"):
+        compile_ops.ssd_bwd_triton(torch.randn_like(y), None, *detached, y_core, h_in[:, :1], dtp, cs, *rest)
+    with fake:  # what compiling runs: the fake implementation's checks
+        fk = [fake.from_tensor(a) if a is not None else None for a in detached]
+        with pytest.raises(ValueError, match="chunk_size must be one of"):
+            ssd_fwd(*fk, 32, *rest[1:], "triton")
+        with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+            ssd_fwd(*(a.double() if a is not None and a.is_floating_point() else a for a in fk), *rest, "triton")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="ValueError.*chunk_size must be one of"):  # dynamo wraps it
+        torch.compile(ssd_outputs, backend="aot_eager", fullgraph=True, dynamic=False)(**dict(kw, chunk_size=128 + 1))
 
 
 def test_switching_the_global_backend_after_compiling_recompiles():

@@ -8,9 +8,10 @@ strides) and its autograd formula.
 
 Design choices:
 - Each op's real implementation calls the public eager function with the caller's `backend` (the scan and
-  the SSD with the torch or triton backend: that backend's forward as plain functions, see below). The backend is resolved while tracing (`selective_scan_compiled`, `ssd_compiled`) and handed to
-  the op by name: the fake implementation's residual shapes and the autograd formula depend on it, so the
-  op must run the backend they were traced for. Dynamo guards on the global backend that resolution reads
+  the SSD with the torch or triton backend: that backend's forward as plain functions, see below). The
+  backend is resolved while tracing (`selective_scan_compiled`, `ssd_compiled`) and handed to the op by name:
+  the fake implementation's residual shapes and the autograd formula depend on it, so the op must run the
+  backend they were traced for. Dynamo guards on the global backend that resolution reads
   (set_backend / use_backend): switching it recompiles. No recursion:
   torch.compiler.is_compiling() is False when a compiled graph runs the op (every compiled test in
   tests/test_compile_ops.py would otherwise recurse without end).
@@ -23,16 +24,13 @@ Design choices:
   tensors where unused), so the schema is fixed; their shapes follow from the inputs' shapes alone
   (torch_scan.piece_steps, triton_scan.chunk_size), which the fake implementation states, symbolic
   lengths included.
-- Backward, SSD with the torch backend: the forward op runs ssd_torch's steps itself, its core
-  (torch_ssd_fast.SSDCore) through SSDCore.forward / SSDCore.backward with a stand-in context (_CoreCtx),
-  and returns the core's per-chunk incoming states and (with z) its output before D and z as residuals.
-  The backward op runs the core's hand-written backward on them, and autograd over the cheap elementwise
-  ops around the core (dt's processing, D, z): no forward recompute (each block's decays and C B^T are
-  recomputed, as in the eager backward of a multi-block sequence). Bit-identical to eager. This leans on
-  SSDCore's context protocol (saved tensors x, dt, A, B, C, seq, then one incoming-state tensor per
-  block; ctx.Q, has_h0, n_h) and its block partition (block_chunks, _blocks); the tests compare with
-  eager bit for bit, so a change there shows up at once. Plain forward / backward functions in
-  torch_ssd_fast (as torch_scan's scan_forward / scan_backward) would remove that coupling.
+- Backward, SSD with the torch backend: the forward op runs ssd_torch's steps itself, its core through
+  torch_ssd_fast.core_forward (the plain function under the eager SSDCore autograd.Function), and returns
+  the core's per-chunk incoming states (torch_ssd_fast.join_states) and (with z) its output before D and z
+  as residuals. The backward op runs the core's hand-written backward (torch_ssd_fast.core_backward, on
+  split_states' per-block states) and autograd over the cheap elementwise ops around the core (dt's
+  processing, D, z): no forward recompute (each block's decays and C B^T are recomputed, as in the eager
+  backward of a multi-block sequence). Bit-identical to eager.
 - Backward, SSD with the triton backend: the forward op runs triton_ssd.ssd_triton_fwd (the launcher of the
   eager autograd.Function, on the inputs ssd_triton_inputs prepares as ssd_triton does) and returns its
   residuals: the output before the z gate (with z), every chunk's incoming state, the processed dt and its
@@ -68,8 +66,7 @@ from .selective_scan.interface import _time_contiguous, selective_scan_fn, valid
 from .selective_scan.torch_scan import piece_steps, scan_backward, scan_forward
 from .ssd.reference import process_dt
 from .ssd.torch_ssd import ssd_epilogue
-from .ssd.torch_ssd_fast import SSDCore, block_chunks
-from .ssd.torch_ssd_fast import _blocks as _ssd_blocks
+from .ssd import torch_ssd_fast
 from .ssd.interface import (mamba_chunk_scan_combined, validate_ssd, validate_varlen, varlen_states,
                             with_varlen_states)
 
@@ -318,20 +315,8 @@ def _ssd_eager(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_siz
                                      dt_limit=tuple(dt_limit), return_final_states=True, backend=backend)
 
 
-class _CoreCtx:
-    """Stands in for the autograd context of torch_ssd_fast.SSDCore, so that its forward and backward run as
-    plain functions here (the forward's saved tensors become the op's residuals)."""
-    needs_input_grad = (True,)
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-    def set_materialize_grads(self, value):
-        pass
-
-
 def _ssd_residual_backend(x: Tensor, backend: Optional[str]) -> Optional[str]:
-    """"torch" where the SSD op runs the torch backend's core (torch_ssd_fast.SSDCore) itself and keeps its
+    """"torch" where the SSD op runs the torch backend's core (torch_ssd_fast.core_forward) itself and keeps its
     per-chunk incoming states, "triton" where it runs triton_ssd.ssd_triton_fwd and keeps its residuals, None
     (ref) where it calls the eager function and the backward recomputes. From the device and backend alone, so
     the real and fake implementations and the autograd formula agree."""
@@ -369,16 +354,13 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[
                 triton_ssd.DOT_PRECISION)
         else:  # ssd_torch's steps, the core as plain functions
             validate_ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
-            b, L, H, P = x.shape
-            G, N = B.shape[2], B.shape[3]
             xw = x.to(sdt)
             dtw = process_dt(dt, dt_bias, dt_softplus, dt_limit)
             h0 = initial_states.to(sdt) if initial_states is not None else None
-            ctx = _CoreCtx()
-            y_core, final = SSDCore.forward(ctx, xw, dtw, A.to(sdt), B.to(sdt), C.to(sdt), h0, seq_idx,
-                                            min(chunk_size, L), True)
-            h_ins = ctx.saved_tensors[6:6 + ctx.n_h]  # (b, G, H / G, chunks of the block, P, N) per block
-            h_in = torch.cat(h_ins, 3).view(b, H, -1, P, N)
+            y_core, final, h_ins, _ = torch_ssd_fast.core_forward(
+                xw, dtw, A.to(sdt), B.to(sdt), C.to(sdt), h0, seq_idx, min(chunk_size, x.shape[1]), True, True,
+                keep_block=False)
+            h_in = torch_ssd_fast.join_states(h_ins, x.shape[2])
             y = ssd_epilogue(y_core, xw, D, z, x.dtype)
             y_core = y_core if z is not None else None
     empty = lambda t: x.new_empty((0,), dtype=sdt) if t is None else _fresh(t, t.dtype, inputs)  # noqa: E731
@@ -436,12 +418,12 @@ def ssd_bwd_saved(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A
                   initial_states: Optional[Tensor], seq_idx: Optional[Tensor], y_core: Tensor, h_in: Tensor,
                   chunk_size: int, dt_softplus: bool, dt_limit: list[float]) -> list[Tensor]:
     """The torch backend's backward from ssd_fwd's residuals: the core's hand-written backward
-    (torch_ssd_fast.SSDCore) from the saved incoming states, autograd over the cheap elementwise ops around
+    (torch_ssd_fast.core_backward) from the saved incoming states, autograd over the cheap elementwise ops around
     it (dt's processing, D, z); no forward recompute. Gradients as ssd_bwd's, in the inputs' dtypes."""
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     sdt = _state_dtype(x)
     b, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    N = B.shape[3]
     Q = min(chunk_size, L)
     nc = (L + Q - 1) // Q
     if tuple(h_in.shape) != (b, H, nc, P, N):
@@ -456,14 +438,10 @@ def ssd_bwd_saved(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A
         core_out = (y_core if z is not None else xw.new_zeros(()).expand(b, L, H, P)).detach().requires_grad_()
         y = ssd_epilogue(core_out, xw, D_, z_, x.dtype)
         (dy_core,) = torch.autograd.grad(y, core_out, dy.to(y.dtype), retain_graph=True)
-        ctx = _CoreCtx()
-        ctx.Q, ctx.has_h0 = Q, h0 is not None
-        blocks = _ssd_blocks(L, Q, block_chunks(b, H, Q, P, N, xw.element_size(), nc))
-        hg = h_in.view(b, G, H // G, nc, P, N)
-        h_ins = [hg[:, :, :, t0 // Q:(t1 + Q - 1) // Q].contiguous() for t0, t1 in blocks]
-        ctx.n_h = len(h_ins)
-        ctx.saved_tensors = (xw.detach(), dtp.detach(), Aw.detach(), Bw.detach(), Cw.detach(), seq_idx, *h_ins)
-        dxc, ddt, dA, dB, dC, dh0, *_ = SSDCore.backward(ctx, dy_core, None if dfinal is None else dfinal.to(sdt))
+        xd, Bd = xw.detach(), Bw.detach()
+        dxc, ddt, dA, dB, dC, dh0 = torch_ssd_fast.core_backward(
+            dy_core, None if dfinal is None else dfinal.to(sdt), xd, dtp.detach(), Aw.detach(), Bd, Cw.detach(),
+            seq_idx, torch_ssd_fast.split_states(h_in, xd, Bd, Q), (), Q, h0 is not None)
         outs = [(y, dy.to(y.dtype)), (xw, dxc), (dtp, ddt), (Aw, dA), (Bw, dB), (Cw, dC), (h0, dh0)]
         outs = [(o, g) for o, g in outs if o is not None and g is not None]
         wanted = [t for t in leaves if t is not None]

@@ -7,9 +7,10 @@ torch.compile: there the scan is one opaque custom op (kernels/compile_ops.py) w
 forward, so compiling a model around it fuses only the ops outside the scan.
 
 When it pays (2-core x86 VM, torch 2.13 CPU, one thread, process CPU time; records in the README / devlog):
-at short sequences (L <= 256 at batch 1, dim 256, N 16) the compiled scan ran the forward in 0.3-0.6x and
-forward+backward in 0.6-0.9x the time of the eager torch backend; from L 1024 on it is slower than the eager
-backend (which is why it is not the default), it saves (batch, dim, L, N) tensors for the backward like
+against the eager torch backend after its piece rewrite, the compiled scan ran the forward in 0.5-0.6x at
+(1, 256, 64, 16) and (4, 128, 64, 16) and 0.66x at (4, 128, 256, 16), forward+backward in 0.6-1.0x at L 64;
+from (1, 256, 256, 16) on both are slower (forward 1.0-1.35x, forward+backward 1.4-1.7x), which is why it
+is not the default and suits short-sequence inference. It saves (batch, dim, L, N) tensors for the backward like
 mambapy, and every new shape compiles again (3-24 s on that machine, 0.1-2.5 s from a warm inductor cache).
 Past torch._dynamo.config.cache_size_limit shapes (8 by default) dynamo runs the functional code eagerly,
 which is several times slower than the eager torch backend (raise the limit for many shapes; dynamic=True

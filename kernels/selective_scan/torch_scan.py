@@ -378,7 +378,7 @@ def _piece_forward(u, delta, A, Bs, Cs, D, z, delta_bias, keep, h0, softplus, bu
     """No-grad zoh forward of one piece (same layouts and results as _segment_fast): the decays and inputs
     of the whole piece are formed by two broadcast ops, scanned in place by _linear_scan_ (sqrt(S) steps
     over sqrt(S) sub-chunks), then read out through C by one op. Used for pieces whose (b, dim, S, N)
-    tensors fit the piece budget (~1 MiB: in cache); bufs: (decay, state, scratch) buffers of at least this
+    tensors fit the piece budget (~0.5 MiB: in cache); bufs: (decay, state, scratch) buffers of at least this
     size, reused across pieces (fresh pages cost time)."""
     dt = delta if delta_bias is None else delta + delta_bias[..., None]
     if softplus:

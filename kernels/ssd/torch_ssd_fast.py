@@ -346,13 +346,11 @@ def core_backward(dy, dh_final, x, dt, A, B, C, seq, h_ins, kept, Q, has_h0):
         da = torch.zeros_like(blk.a)
         da[..., 1:] = torch.mul(Gm[..., :-1], strict_cols, out=_buf("tmp_q", sh + (Q - 1,), x)).sum(-2)
         if not zero_in:
-            ev = x.new_zeros(blk.a.shape)
-            if not zero_in:
-                deC = _buf("deC", sh + (N,), x)
-                torch.bmm(dy_in.view(-1, Q, P), h_in.view(-1, P, N), out=deC.view(-1, Q, N))
-                ev = torch.mul(deC, blk.Cc[:, :, None], out=tmp_n).sum(-1)
-                deC.mul_(blk.e[..., None])
-            if dh_out is not None and not zero_in:
+            deC = _buf("deC", sh + (N,), x)
+            torch.bmm(dy_in.view(-1, Q, P), h_in.view(-1, P, N), out=deC.view(-1, Q, N))
+            ev = torch.mul(deC, blk.Cc[:, :, None], out=tmp_n).sum(-1)
+            deC.mul_(blk.e[..., None])
+            if dh_out is not None:
                 h_kept = h_in if blk.keep is None else torch.where(blk.keep, h_in, 0.0)
                 ev[..., -1] += torch.mul(h_kept, dh_out, out=_buf("tmp_pn", (b, G, R, kb, P, N), x)).sum((-1, -2))
             # e_t = exp(a_1 + ... + a_t) (and cd = e_Q) holds a_k for k <= t

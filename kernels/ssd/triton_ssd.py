@@ -661,7 +661,7 @@ def _s4(t):
 
 
 def ssd_triton_fwd(x, dt, A, B, C, D, z, dt_bias, h0, seq, Q, softplus, dt_limit, precision):
-    """The forward kernels on prepared inputs (ssd_triton_prepare's): (out, final, dtp, cs, hin, ypre).
+    """The forward kernels on prepared inputs (ssd_triton_inputs'): (out, final, dtp, cs, hin, ypre).
     Residuals for ssd_triton_bwd: dtp and cs (batch * heads, Lp) fp32 (processed dt and its per-chunk cumsum,
     Lp = chunks * Q), hin (batch * heads, chunks, headdim, dstate) in x's dtype (every chunk's incoming state),
     ypre (batch, L, heads, headdim) in x's dtype (the output before the z gate) when z is given, else None."""
